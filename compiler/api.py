@@ -1,0 +1,205 @@
+"""`fxopt.optimize`: capture, rewrite with verification, and hand back a module that computes
+the same thing faster. The caller's model is never modified."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from . import cost
+from .capture import batch_size, capture
+from .errors import CaptureError, InputError, UnsupportedError
+from .pipeline import resolve, run_passes
+from .report import Report
+from .verify import check, input_sets
+
+BACKENDS = ("eager", "inductor", "tvm")
+
+
+class OptimizedModule(nn.Module):
+    """The optimized model: the model's call signature and output structure, plus `.report`."""
+
+    def __init__(self, graph_module: nn.Module, report: Report, runner=None):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self._runner = runner or graph_module
+
+    def forward(self, *args, **kwargs):
+        return self._runner(*args, **kwargs)
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs,
+    backend: str = "eager",
+    target=None,
+    passes: Sequence[str] | None = None,
+    approximate: bool = False,
+    verify: bool = True,
+    dynamic_batch: bool = True,
+) -> OptimizedModule:
+    """Return a faster module that computes what `model` computes in eval mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained model. It is copied; its parameters, buffers and mode are left unchanged.
+    example_inputs : Tensor or tuple
+        Arguments as in ``model(*example_inputs)``.
+    backend : {"eager", "inductor", "tvm"}
+        Run the rewritten fx graph as is, or through ``torch.compile``, or through TVM.
+    target : str or dict, optional
+        TVM target; only for ``backend="tvm"``.
+    passes : list of str, optional
+        Pass names to run instead of the default pipeline.
+    approximate : bool
+        Allow passes that are not output-equivalent.
+    verify : bool
+        Check every pass against the graph before it and roll back a pass that fails.
+    dynamic_batch : bool
+        Keep the batch dimension symbolic where the model allows it.
+
+    Returns
+    -------
+    OptimizedModule
+        Call it like the model; ``.report`` says what was done.
+    """
+    start = time.perf_counter()
+    inputs = _check_arguments(model, example_inputs, backend, target)
+    report = Report(model=type(model).__name__, backend=backend)
+    names = resolve(passes, approximate)
+    work = _eval_copy(model, report)
+    _check_weights(work)
+    try:
+        t = time.perf_counter()
+        captured = capture(work, inputs, dynamic_batch)
+        report.seconds["capture"] = time.perf_counter() - t
+    except CaptureError as error:
+        from .dynamo import optimize_with_dynamo
+
+        report.notes.append(f"whole-model capture failed, using the Dynamo fallback: {error}")
+        return optimize_with_dynamo(work, inputs, names, verify, report, start)
+    gm = captured.graph_module
+    report.dynamic_batch = captured.dynamic_batch
+    if captured.note:
+        report.notes.append(captured.note)
+    gm = optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured))
+    if verify:
+        t = time.perf_counter()
+        report.final_error = check(work, gm, [inputs])
+        report.seconds["final check"] = time.perf_counter() - t
+    runner = _backend_runner(gm, backend)
+    report.seconds["total"] = time.perf_counter() - start
+    return OptimizedModule(gm, report, runner)
+
+
+def optimize_graph(
+    gm: fx.GraphModule, inputs: tuple, names, verify: bool, report: Report, other: int | None
+) -> fx.GraphModule:
+    """Run the named passes on a captured graph, filling the report's statistics."""
+    values = cost.concrete_values(gm, inputs)
+    report.before = _merge_stats(report.before, cost.stats_from(gm, values))
+    t = time.perf_counter()
+    sets = input_sets(inputs, n_random=2, other_batch=other) if verify else []
+    gm = run_passes(gm, names, sets, report, verify)
+    report.seconds["passes"] = report.seconds.get("passes", 0.0) + time.perf_counter() - t
+    report.after = _merge_stats(report.after, cost.stats(gm, inputs))
+    return gm
+
+
+def other_batch(inputs: tuple, captured) -> int | None:
+    """A second batch size to verify at, when the batch is symbolic."""
+    batch = batch_size(inputs)
+    return None if not captured.dynamic_batch or batch is None else batch + 2
+
+
+def _merge_stats(old: cost.Stats | None, new: cost.Stats) -> cost.Stats:
+    if old is None:
+        return new
+    counts = dict(old.op_counts)
+    for op, n in new.op_counts.items():
+        counts[op] = counts.get(op, 0) + n
+    return cost.Stats(dict(sorted(counts.items())), old.params + new.params, old.flops + new.flops)
+
+
+def _check_arguments(model, example_inputs, backend: str, target) -> tuple:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "tvm":
+        raise UnsupportedError(
+            "backend='tvm' is not built yet (the TVM codegen lands in a later release); "
+            "use backend='eager' or 'inductor'"
+        )
+    if target is not None:
+        raise InputError("target= applies to backend='tvm' only")
+    inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    inputs = tuple(inputs)
+    _check_signature(model, inputs)
+    _check_devices(model, inputs)
+    return inputs
+
+
+def _check_signature(model: nn.Module, inputs: tuple) -> None:
+    if type(model).forward is nn.Module.forward:
+        raise InputError(f"{type(model).__name__} defines no forward(); nothing to optimize")
+    try:
+        inspect.signature(model.forward).bind(*inputs)
+    except TypeError as error:
+        raise InputError(
+            f"example inputs do not match {type(model).__name__}.forward"
+            f"{inspect.signature(model.forward)}: {error}; pass a tuple with one entry per "
+            "positional argument"
+        ) from None
+    for leaf in pytree.tree_leaves(inputs):
+        if not isinstance(leaf, torch.Tensor | int | float | bool | str | type(None)):
+            raise InputError(
+                f"example inputs may hold tensors and Python scalars (nested in tuples, lists "
+                f"or dicts), not {type(leaf).__name__}"
+            )
+
+
+def _check_devices(model: nn.Module, inputs: tuple) -> None:
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    if any(t.is_meta for t in tensors):
+        raise InputError(
+            "the model or inputs are on the meta device and hold no values to compute with; "
+            "materialize them first (model.to_empty(device='cpu') and load_state_dict)"
+        )
+
+
+def _eval_copy(model: nn.Module, report: Report) -> nn.Module:
+    if model.training:
+        message = (
+            f"{type(model).__name__} is in training mode; fxopt optimizes its eval-mode "
+            "behaviour (batch norm uses running statistics, dropout is off); call "
+            "model.eval() first to silence this"
+        )
+        warnings.warn(message, stacklevel=3)
+        report.notes.append("model was in training mode: optimized its eval-mode behaviour")
+    return copy.deepcopy(model).eval()
+
+
+def _check_weights(model: nn.Module) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InputError(
+                f"{name} holds NaN or Inf values; results could not be verified. "
+                "Fix or re-load the weights before optimizing"
+            )
+
+
+def _backend_runner(gm: fx.GraphModule, backend: str):
+    if backend == "inductor":
+        return torch.compile(gm, backend="inductor")
+    return gm

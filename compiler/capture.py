@@ -1,0 +1,72 @@
+"""Capture a model as an ATen-level fx graph with torch.export (non-strict).
+
+The batch dimension is made symbolic when every tensor input shares it and the model allows it;
+otherwise the capture falls back to static shapes and says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+
+@dataclass
+class Capture:
+    graph_module: fx.GraphModule
+    dynamic_batch: bool
+    note: str | None = None  # why the batch is static, when it is
+
+
+def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> Capture:
+    """Export an eval-mode `model` (the caller passes a private copy) to a GraphModule."""
+    note = None
+    if dynamic_batch:
+        batch = batch_size(example_inputs)
+        if batch is None:
+            note = "static batch: the tensor inputs do not share a leading batch dimension"
+        else:
+            try:
+                return Capture(_export(model, example_inputs, dynamic=True), True)
+            except Exception as error:  # export reports shape specialization in many types
+                note = f"static batch: the model fixes the batch size ({_first_line(error)})"
+    else:
+        note = "static batch: dynamic_batch=False"
+    try:
+        return Capture(_export(model, example_inputs, dynamic=False), False, note)
+    except Exception as error:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {_first_line(error)}"
+        ) from error
+
+
+def batch_size(inputs: tuple) -> int | None:
+    """The leading dimension shared by every tensor input, or None."""
+    sizes = {t.shape[0] for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)
+             and t.dim() > 0}
+    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    if len(sizes) != 1 or any(t.dim() == 0 for t in tensors):
+        return None
+    return sizes.pop()
+
+
+def _export(model: nn.Module, inputs: tuple, dynamic: bool) -> fx.GraphModule:
+    if not dynamic:
+        return torch.export.export(model, inputs, strict=False).module()
+    dim = torch.export.Dim("batch")
+    shapes = pytree.tree_map(lambda x: {0: dim} if isinstance(x, torch.Tensor) else None, inputs)
+    # torch.export specializes a size-1 dimension, so trace with the batch doubled.
+    traced_inputs = pytree.tree_map(
+        lambda x: torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.shape[0] == 1 else x,
+        inputs,
+    )
+    return torch.export.export(model, traced_inputs, dynamic_shapes=shapes, strict=False).module()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

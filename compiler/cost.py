@@ -1,0 +1,121 @@
+"""The cost model: FLOPs and bytes per ATen op at concrete shapes, op counts and parameters.
+
+A multiply-add counts as two FLOPs. Shapes come from one run of the graph on real inputs, so
+symbolic batch sizes never leak into the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .graph import constants, is_op
+
+aten = torch.ops.aten
+
+_CONVS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+_TRANSPOSED = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+_MATMULS = (aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm)
+_FREE = (aten.view, aten.reshape, aten.permute, aten.transpose, aten.t, aten.expand,
+         aten.unsqueeze, aten.squeeze, aten.flatten, aten.slice, aten.select, aten.alias,
+         aten.detach, aten.unflatten, aten.sym_size, aten.split, aten.split_with_sizes,
+         aten.chunk, aten.unbind, aten.dropout, aten.contiguous, aten.lift_fresh_copy)
+_IGNORED = {operator.getitem, "sym_size"}
+
+
+@dataclass(frozen=True)
+class Stats:
+    op_counts: dict[str, int]
+    params: int
+    flops: int
+
+
+def op_name(node: fx.Node) -> str:
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def op_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many times each ATen op is called, shape bookkeeping left out."""
+    counts = Counter(
+        op_name(n) for n in gm.graph.nodes
+        if n.op == "call_function" and n.target not in _IGNORED and op_name(n) not in _IGNORED
+    )
+    return dict(sorted(counts.items()))
+
+
+def param_count(gm: fx.GraphModule) -> int:
+    """Elements of all floating-point constants the graph reads (weights, biases, statistics)."""
+    return sum(t.numel() for t in constants(gm) if t.is_floating_point())
+
+
+def concrete_values(gm: fx.GraphModule, inputs: tuple) -> dict[fx.Node, object]:
+    """Run `gm` once and keep every node's output (for shapes)."""
+    values: dict[fx.Node, object] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            values[node] = result
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return values
+
+
+def node_flops(node: fx.Node, values: dict) -> int:
+    """FLOPs of one call at the recorded shapes; 0 for free ops and non-tensor results."""
+    out = values.get(node)
+    if node.op != "call_function" or not isinstance(out, torch.Tensor):
+        return 0
+    if is_op(node, *_FREE):
+        return 0
+    args = [values.get(a) if isinstance(a, fx.Node) else a for a in node.args]
+    if is_op(node, *_CONVS, *_TRANSPOSED):
+        weight, bias = args[1], args[2] if len(args) > 2 else None
+        transposed = is_op(node, *_TRANSPOSED) or (is_op(node, aten.convolution) and args[6])
+        spatial = args[0].shape[2:] if transposed else out.shape[2:]
+        macs = out.shape[0] * math.prod(spatial) * weight.numel()
+        return 2 * macs + (out.numel() if isinstance(bias, torch.Tensor) else 0)
+    if is_op(node, aten.linear):
+        bias = args[2] if len(args) > 2 else None
+        return 2 * out.numel() * args[0].shape[-1] + (out.numel() if bias is not None else 0)
+    if is_op(node, *_MATMULS):
+        inner = args[-2].shape[-1] if is_op(node, aten.addmm, aten.baddbmm) else args[0].shape[-1]
+        return 2 * out.numel() * inner
+    if is_op(node, aten.scaled_dot_product_attention):
+        q, k, v = args[:3]
+        pairs = math.prod(q.shape[:-1]) * k.shape[-2]
+        return 2 * pairs * (q.shape[-1] + v.shape[-1])
+    if is_op(node, aten.batch_norm, aten._native_batch_norm_legit_no_training):
+        return 2 * out.numel()
+    if is_op(node, aten.layer_norm, aten.group_norm, aten.softmax, aten._softmax):
+        return 5 * out.numel()
+    return out.numel()
+
+
+def node_bytes(node: fx.Node, values: dict) -> int:
+    """Bytes read and written by one call (inputs once each, plus the output)."""
+    tensors = [values.get(a) for a in node.all_input_nodes] + [values.get(node)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def flops(gm: fx.GraphModule, inputs: tuple, values: dict | None = None) -> int:
+    values = values if values is not None else concrete_values(gm, inputs)
+    return sum(node_flops(n, values) for n in gm.graph.nodes)
+
+
+def stats(gm: fx.GraphModule, inputs: tuple) -> Stats:
+    return stats_from(gm, concrete_values(gm, inputs))
+
+
+def stats_from(gm: fx.GraphModule, values: dict) -> Stats:
+    return Stats(op_counts(gm), param_count(gm), flops(gm, (), values))

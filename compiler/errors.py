@@ -1,0 +1,25 @@
+"""Errors fxopt raises. Each message says what went wrong, where, and what to do about it."""
+
+
+class FxoptError(Exception):
+    """Base class of every error fxopt raises on purpose."""
+
+
+class InputError(FxoptError, ValueError):
+    """The model or the example inputs cannot be used as given."""
+
+
+class CaptureError(FxoptError):
+    """The model could not be captured as a graph, not even through the Dynamo fallback."""
+
+
+class VerificationError(FxoptError):
+    """A rewritten graph does not compute what the original computes."""
+
+
+class RewriteError(FxoptError):
+    """A rewrite rule or pass broke its contract (e.g. a rule that never settles)."""
+
+
+class UnsupportedError(FxoptError, NotImplementedError):
+    """The request names something fxopt does not do (yet)."""

@@ -1,0 +1,93 @@
+"""The optimization report: what each pass did, how long it took, the error it introduced, and
+the model's ops, parameters and FLOPs before and after."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .cost import Stats
+
+
+@dataclass
+class PassRecord:
+    name: str
+    status: str  # "applied" | "no change" | "rolled back" | "failed"
+    applied: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    max_error: float | None = None
+    message: str | None = None
+
+
+@dataclass
+class Report:
+    model: str
+    backend: str
+    capture: str = "torch.export"  # or "dynamo fallback"
+    dynamic_batch: bool = False
+    notes: list[str] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    before: Stats | None = None
+    after: Stats | None = None
+    final_error: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # capture, passes, verify, total
+
+    def record(self, record: PassRecord) -> None:
+        """Add a pass's record, merging with an earlier one of the same name (Dynamo graphs)."""
+        for old in self.passes:
+            if old.name == record.name:
+                for rule, count in record.applied.items():
+                    old.applied[rule] = old.applied.get(rule, 0) + count
+                old.seconds += record.seconds
+                old.max_error = _max(old.max_error, record.max_error)
+                if record.status != "no change" and old.status in ("no change", "applied"):
+                    old.status, old.message = record.status, record.message
+                return
+        self.passes.append(record)
+
+    @property
+    def rolled_back(self) -> list[str]:
+        return [p.name for p in self.passes if p.status in ("rolled back", "failed")]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return "\n".join(_render(self))
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    values = [v for v in (a, b) if v is not None]
+    return max(values) if values else None
+
+
+def _render(r: Report) -> list[str]:
+    batch = "dynamic batch" if r.dynamic_batch else "static batch"
+    lines = [f"fxopt report: {r.model}  (backend {r.backend}, {r.capture}, {batch})"]
+    lines += [f"  note: {n}" for n in r.notes]
+    lines += [f"  graph break: {b}" for b in r.graph_breaks]
+    lines += ["", f"  {'pass':<22} {'status':<12} {'time':>8} {'max err':>9}  rules fired"]
+    for p in r.passes:
+        fired = ", ".join(f"{k} x{v}" for k, v in p.applied.items()) or "-"
+        err = "-" if p.max_error is None else f"{p.max_error:.1e}"
+        lines.append(f"  {p.name:<22} {p.status:<12} {p.seconds * 1e3:>6.1f}ms {err:>9}  {fired}")
+        if p.message:
+            lines.append(f"  {'':<22} {p.message}")
+    if r.before and r.after:
+        lines += ["", *_render_stats(r.before, r.after)]
+    timing = ", ".join(f"{k} {v:.2f}s" for k, v in r.seconds.items())
+    err = "-" if r.final_error is None else f"{r.final_error:.1e}"
+    lines += ["", f"  end-to-end max error vs eager: {err};  {timing}"]
+    return lines
+
+
+def _render_stats(before: Stats, after: Stats) -> list[str]:
+    lines = [f"  {'':<22} {'before':>12} {'after':>12}"]
+    lines.append(f"  {'parameters':<22} {before.params:>12,} {after.params:>12,}")
+    lines.append(f"  {'MFLOPs (example batch)':<22} {before.flops / 1e6:>12.2f} "
+                 f"{after.flops / 1e6:>12.2f}")
+    for op in sorted(set(before.op_counts) | set(after.op_counts)):
+        b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
+        mark = "" if a == b else "  *"
+        lines.append(f"  {'aten.' + op:<22} {b:>12} {a:>12}{mark}")
+    return lines

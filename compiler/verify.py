@@ -1,0 +1,126 @@
+"""Numerical verification: run two callables on the same inputs and compare with a tolerance
+relative to the output's scale (max |a-b| <= rtol * max|a| + atol), dtype-aware.
+
+Non-finite reference outputs fail verification: NaN never equals NaN here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import VerificationError
+
+TOLERANCES = {  # dtype -> (rtol, atol)
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return TOLERANCES.get(dtype, (0.0, 0.0))
+
+
+def max_error(reference, candidate, rtol: float | None = None, atol: float | None = None) -> float:
+    """Compare two outputs (any pytree of tensors); return the largest error relative to its
+    tolerance bound, raising VerificationError where a bound is exceeded."""
+    ref_leaves, ref_spec = pytree.tree_flatten(reference)
+    cand_leaves, cand_spec = pytree.tree_flatten(candidate)
+    if ref_spec != cand_spec:
+        raise VerificationError(f"output structure differs: {ref_spec} vs {cand_spec}")
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(ref_leaves, cand_leaves, strict=True)):
+        worst = max(worst, _compare_leaf(i, a, b, rtol, atol))
+    return worst
+
+
+def _compare_leaf(index: int, a, b, rtol, atol) -> float:
+    where = f"output {index}"
+    if not isinstance(a, torch.Tensor):
+        if a != b:
+            raise VerificationError(f"{where}: {a!r} != {b!r}")
+        return 0.0
+    if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+        got = f"{tuple(b.shape)} {b.dtype}" if isinstance(b, torch.Tensor) else type(b).__name__
+        raise VerificationError(f"{where}: expected {tuple(a.shape)} {a.dtype}, got {got}")
+    if not (a.is_floating_point() or a.is_complex()):
+        if not torch.equal(a, b.to(a.device)):
+            raise VerificationError(f"{where}: integer outputs differ")
+        return 0.0
+    default_rtol, default_atol = tolerance(a.dtype)
+    a, b = a.detach().double(), b.detach().to(a.device).double()
+    if not torch.isfinite(a).all():
+        raise VerificationError(
+            f"{where}: the reference output has NaN or Inf, so equivalence cannot be checked; "
+            "check the weights and inputs"
+        )
+    if not torch.isfinite(b).all():
+        raise VerificationError(f"{where}: the candidate output has NaN or Inf")
+    bound = (default_rtol if rtol is None else rtol) * a.abs().max().item() + (
+        default_atol if atol is None else atol
+    )
+    error = (a - b).abs().max().item() if a.numel() else 0.0
+    if error > bound:
+        raise VerificationError(f"{where}: max |difference| {error:.3g} exceeds {bound:.3g}")
+    return error
+
+
+def random_like(inputs, seed: int, batch: int | None = None):
+    """Fresh inputs shaped like `inputs` (optionally with another batch size); floats keep the
+    example's mean and spread, integers stay in its range, booleans are copied."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def fresh(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        shape = (batch, *x.shape[1:]) if batch is not None and x.dim() else x.shape
+        if x.is_floating_point():
+            mean, std = _moments(x)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+            return (noise * std + mean).to(dtype=x.dtype, device=x.device)
+        if x.dtype == torch.bool or x.numel() == 0:
+            return x.clone() if tuple(shape) == tuple(x.shape) else x.expand(shape).clone()
+        low, high = int(x.min()), int(x.max())
+        return torch.randint(low, high + 1, shape, generator=generator).to(x.dtype).to(x.device)
+
+    return pytree.tree_map(fresh, inputs)
+
+
+def _moments(x: torch.Tensor) -> tuple[float, float]:
+    if x.numel() < 2:
+        return 0.0, 1.0
+    data = x.detach().double()
+    std = data.std().item()
+    return data.mean().item(), std if std > 0 else 1.0
+
+
+def input_sets(example: tuple, n_random: int = 2, other_batch: int | None = None) -> list[tuple]:
+    """The example inputs, `n_random` fresh sets of the same shapes, and one set at
+    `other_batch` when given."""
+    sets = [example] + [random_like(example, seed) for seed in range(n_random)]
+    if other_batch is not None:
+        sets.append(random_like(example, n_random, batch=other_batch))
+    return sets
+
+
+def check(
+    reference: Callable,
+    candidate: Callable,
+    inputs: Sequence[tuple],
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> float:
+    """Run both on every input set; return the worst absolute error, raise on a mismatch."""
+    worst = 0.0
+    with torch.no_grad():
+        for i, args in enumerate(inputs):
+            expected = reference(*args)
+            try:
+                worst = max(worst, max_error(expected, candidate(*args), rtol, atol))
+            except VerificationError as error:
+                raise VerificationError(f"input set {i}: {error}") from None
+    return worst

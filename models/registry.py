@@ -1,0 +1,183 @@
+"""The model registry: models register by name with a one-line factory, as in timm."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .randomize import randomize_
+
+Factory = Callable[[], nn.Module]
+# A deploy form is reached from the randomized train form, so that both carry the same weights:
+# either the name of a method on the train model (timm's `model.reparameterize()`) or a callable.
+Deploy = str | Callable[[nn.Module], nn.Module]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Factory
+    input_shape: tuple[int, ...]
+    deploy: Deploy | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the zoo knows about a model, without building it."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    has_deploy: bool
+    description: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+# Enough samples for per-channel statistics even where a norm sees one value per sample.
+_CALIBRATION_BATCH = 8
+
+
+def register_model(
+    name: str, input_shape: tuple[int, ...], deploy: Deploy | None = None
+) -> Callable[[Factory], Factory]:
+    """Register a model factory under `name`.
+
+    Parameters
+    ----------
+    name
+        Registry key, unique in the zoo.
+    input_shape
+        Shape of one sample, without the batch dimension, e.g. ``(3, 64, 64)``.
+    deploy
+        How to reach the hand-written deploy form from the train form: the name of a method of the
+        train model, or a callable taking the train model. The result must compute the same
+        function with the same weights. ``None`` when the model has no deploy form.
+
+    Returns
+    -------
+    Callable
+        A decorator that records the factory and returns it unchanged.
+    """
+
+    def decorate(factory: Factory) -> Factory:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = _Entry(factory, tuple(input_shape), deploy)
+        return factory
+
+    return decorate
+
+
+def list() -> builtins.list[str]:
+    """Names of all registered models, sorted.
+
+    Returns
+    -------
+    list of str
+        The registry keys in alphabetical order.
+    """
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        available = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown model {name!r}; available models: {available}")
+    return _REGISTRY[name]
+
+
+def create(name: str, deploy: bool = False, seed: int = 0) -> nn.Module:
+    """Build a model in eval mode with deterministic random weights and batch-norm statistics.
+
+    Every parameter is redrawn and every batch norm's running statistics are moved away from
+    the identity (see `randomize_`), so that folding passes are tested on non-trivial values.
+
+    Parameters
+    ----------
+    name
+        A registered model name (see `list`).
+    deploy
+        Return the hand-written deploy form, converted from the train form built with `seed`.
+    seed
+        Seed for every parameter and running statistic; the same seed gives the same model.
+
+    Returns
+    -------
+    nn.Module
+        The model in eval mode.
+
+    Raises
+    ------
+    ValueError
+        If the name is unknown, or `deploy` is requested for a model without a deploy form.
+    """
+    entry = _entry(name)
+    if deploy and entry.deploy is None:
+        with_deploy = ", ".join(n for n in sorted(_REGISTRY) if _REGISTRY[n].deploy is not None)
+        raise ValueError(
+            f"model {name!r} has no deploy form; models with one: {with_deploy or 'none'}"
+        )
+    # Fork the global RNG: construction must neither depend on nor disturb the caller's state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = entry.factory()
+    generator = torch.Generator().manual_seed(seed)
+    # Running statistics are drawn around what each norm sees on these inputs (see randomize_).
+    calibration = (torch.randn((_CALIBRATION_BATCH, *entry.input_shape), generator=generator),)
+    randomize_(model, generator, calibration)
+    model.eval()
+    if deploy:
+        model = _to_deploy(model, entry.deploy).eval()
+    return model
+
+
+def _to_deploy(model: nn.Module, deploy: Deploy) -> nn.Module:
+    with torch.no_grad():
+        if isinstance(deploy, str):
+            result = getattr(model, deploy)()
+            # An in-place `reparameterize()` returns None; the model itself is then the deploy form.
+            return model if result is None else result
+        return deploy(model)
+
+
+def example_inputs(name: str, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random normal inputs for a model, as ``model(*example_inputs(name))``.
+
+    Parameters
+    ----------
+    name
+        A registered model name.
+    batch
+        Size of the leading batch dimension.
+    seed
+        Seed of the draw.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        One float32 tensor of shape ``(batch, *input_shape)``.
+    """
+    entry = _entry(name)
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn((batch, *entry.input_shape), generator=generator),)
+
+
+def info(name: str) -> ModelInfo:
+    """Describe a registered model without building it.
+
+    Parameters
+    ----------
+    name
+        A registered model name.
+
+    Returns
+    -------
+    ModelInfo
+        Name, per-sample input shape, whether a deploy form exists, and the first docstring line.
+    """
+    entry = _entry(name)
+    doc = (entry.factory.__doc__ or "").strip()
+    description = doc.splitlines()[0] if doc else ""
+    return ModelInfo(name, entry.input_shape, entry.deploy is not None, description)
