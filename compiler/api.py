@@ -30,7 +30,7 @@ class OptimizedModule(nn.Module):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
-        self._runner = runner or graph_module
+        self._runner = graph_module if runner is None else runner
 
     def forward(self, *args, **kwargs):
         return self._runner(*args, **kwargs)

@@ -6,6 +6,9 @@ otherwise the capture falls back to static shapes and says why.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +57,26 @@ def batch_size(inputs: tuple) -> int | None:
     return sizes.pop()
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export prints the partial graph to stderr when it fails, and its shape solver
+    logs warnings; fxopt reports the failure itself."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export(model: nn.Module, inputs: tuple, dynamic: bool) -> fx.GraphModule:
+    with _quiet_torch_logs():
+        return _export_now(model, inputs, dynamic)
+
+
+def _export_now(model: nn.Module, inputs: tuple, dynamic: bool) -> fx.GraphModule:
     if not dynamic:
         return torch.export.export(model, inputs, strict=False).module()
     dim = torch.export.Dim("batch")

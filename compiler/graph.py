@@ -136,6 +136,16 @@ def clean(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def erase_dead(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase `node` if nothing uses it, then its inputs that become dead (no recompile)."""
+    if node.users or node.op not in ("call_function", "get_attr") or _has_side_effects(node):
+        return
+    inputs = node.all_input_nodes
+    gm.graph.erase_node(node)
+    for source in inputs:
+        erase_dead(gm, source)
+
+
 def _has_side_effects(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     if schema is not None and schema.is_mutable:

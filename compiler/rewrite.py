@@ -15,7 +15,7 @@ from typing import Any
 from torch import fx
 
 from .errors import RewriteError
-from .graph import clean, is_op
+from .graph import clean, erase_dead, is_op
 
 Pattern = Sequence[Any] | Callable[[fx.Node], "Sequence[fx.Node] | None"]
 
@@ -87,9 +87,10 @@ def rewrite(gm: fx.GraphModule, rules: Sequence[Rule], max_rounds: int | None = 
     for _ in range(limit):
         fired = _apply_once(gm, rules)
         if fired is None:
+            if applied:
+                clean(gm)
             return PassResult(gm, bool(applied), dict(applied))
         applied[fired] += 1
-        clean(gm)
     raise RewriteError(
         f"rules did not settle after {limit} rewrites (last to fire: {fired!r}); "
         "a rule that undoes another, or that matches its own output, is a bug"
@@ -108,5 +109,6 @@ def _apply_once(gm: fx.GraphModule, rules: Sequence[Rule]) -> str | None:
                 continue
             replacement.meta.setdefault("stack_trace", match.root.meta.get("stack_trace"))
             match.root.replace_all_uses_with(replacement)
+            erase_dead(gm, match.root)
             return rule.name
     return None

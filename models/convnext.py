@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -61,7 +63,7 @@ class ConvNeXt(nn.Module):
         self.downsample = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(in_channels, dims[0], 4, stride=4), LayerNorm2d(dims[0]))]
         )
-        for previous, dim in zip(dims[:-1], dims[1:], strict=True):
+        for previous, dim in itertools.pairwise(dims):
             self.downsample.append(
                 nn.Sequential(LayerNorm2d(previous), nn.Conv2d(previous, dim, 2, stride=2))
             )

@@ -21,7 +21,9 @@ def _conv_bn_act(
     in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1
 ) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.Conv2d(
+            in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False
+        ),
         nn.BatchNorm2d(out_channels),
         nn.ReLU6(),
     )

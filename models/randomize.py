@@ -57,7 +57,9 @@ def randomize_(
         for module in model.modules():
             for name, param in module.named_parameters(recurse=False):
                 param.copy_(_draw(module, name, param.shape, generator))
-        norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.track_running_stats]
+        norms = [
+            m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.track_running_stats
+        ]
         if inputs is None:
             for norm in norms:
                 _set_running_stats(norm, torch.zeros(()), torch.ones(()), generator)

@@ -50,3 +50,39 @@ def affine_bias(
     """The bias of `(x + bias) * scale + shift`."""
     base = bias.double() if bias is not None else torch.zeros_like(shift, dtype=torch.float64)
     return (base * scale.double() + shift.double()).to(dtype)
+
+
+def scale_input_channels(
+    weight: torch.Tensor, scale: torch.Tensor, groups: int = 1
+) -> torch.Tensor:
+    """The weight of `op(x * scale)` for a conv or linear `op`: each input channel's taps are
+    multiplied by `scale[channel]`.
+
+    The weight is (out, in / groups, *kernel): output channel `o` of group
+    `o // (out / groups)` reads input channel `group * (in / groups) + j` through column `j`.
+    """
+    factors = _per_input_channel(scale, weight, groups)
+    return (weight.double() * factors).to(weight.dtype)
+
+
+def input_shift_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor, groups: int = 1
+) -> torch.Tensor:
+    """The bias of `op(x + shift)` for a linear or an unpadded conv `op` with `weight` and
+    `bias`: `bias + sum over input columns and kernel taps of weight * shift`.
+
+    Only exact when every tap reads a real input: a zero-padded tap would read 0, not `shift`.
+    """
+    shifted = weight.double() * _per_input_channel(shift, weight, groups)
+    total = shifted.flatten(1).sum(1)
+    if bias is not None:
+        total = total + bias.double()
+    return total.to(weight.dtype)
+
+
+def _per_input_channel(values: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """`values` (one per input channel) laid out like `weight`'s (out, in / groups) block."""
+    out_channels, in_per_group = weight.shape[:2]
+    blocks = values.double().reshape(groups, 1, in_per_group)
+    blocks = blocks.expand(groups, out_channels // groups, in_per_group)
+    return blocks.reshape(out_channels, in_per_group, *(1,) * (weight.dim() - 2))

@@ -1,11 +1,74 @@
-"""fold_bn_into_next: placeholder while the pass is written (no change)."""
+"""fold_bn_into_next: batch_norm -> conv  =>  conv with the norm folded into its input side.
 
+Exact: yes where it applies. Eval batch norm is `x * s + t` per channel, and a conv that reads
+only real input values satisfies conv_W(x * s + t) = conv_{W * s}(x) + sum over taps of W * t,
+with s and t taken per input channel (group-aware). That needs a conv without zero padding
+(padding 0, "valid", or "same" with a 1-sized kernel), any kernel, stride, dilation or groups.
+With zero padding the border taps read 0, where the unfolded graph reads the normalized zero t,
+so a fold would change the borders; that is a known non-equivalence (REFERENCE.md §E).
+Declines when: the conv pads with zeros (a padded 1x1 conv too), the conv is transposed, the norm
+uses batch statistics (training mode or no running statistics), the norm's output has another
+user, the conv's weight or bias is not a constant or is shared with another op, or the ranks or
+channel counts differ. BN -> ReLU -> conv is never matched; BN -> linear is fold_linear_bn's.
+Reference: Ioffe & Szegedy 2015; the affine-before-conv identity of pre-activation ResNets.
+"""
+
+import torch
 from torch import fx
 
+from fxopt.graph import add_constant, arg, call, constant, constant_users, val
+from fxopt.ops import BATCH_NORM, CONVS, Conv, batch_norm, conv, replaced_args
 from fxopt.registry import register_pass
-from fxopt.rewrite import PassResult
+from fxopt.rewrite import Match, PassResult, Rule, rewrite
+
+from .affine import bn_scale_shift, input_shift_bias, scale_input_channels
+
+NEXT_CONVS = (*CONVS, torch.ops.aten.convolution)
+
+
+def can_fold(match: Match) -> bool:
+    gm, norm, node = match.gm, match[0], match.root
+    bn, c, x = batch_norm(gm, norm), conv(node), val(norm)
+    if bn is None or c is None or c.transposed or len(norm.users) != 1 or x is None:
+        return False
+    weight = constant(gm, c.weight)
+    if weight is None or not weight.is_floating_point() or constant_users(gm, c.weight) != 1:
+        return False
+    if c.bias is not None and (constant(gm, c.bias) is None or constant_users(gm, c.bias) != 1):
+        return False
+    # An unbatched conv input puts the channels on dim 0, where the norm does not look.
+    same_layout = x.dim() == weight.dim() and bn.mean.numel() == weight.shape[1] * c.groups
+    return same_layout and can_skip_padding(c, tuple(weight.shape[2:]))
+
+
+def can_skip_padding(c: Conv, kernel: tuple[int, ...]) -> bool:
+    """The conv never reads a padded zero, so every tap sees a normalized input value."""
+    if c.padding == "same":
+        return all(k == 1 for k in kernel)
+    return c.padding == "valid" or all(p == 0 for p in c.padding)
+
+
+def fold(match: Match) -> fx.Node:
+    gm, norm, node = match.gm, match[0], match.root
+    bn, c = batch_norm(gm, norm), conv(node)
+    weight = constant(gm, c.weight)
+    bias = constant(gm, c.bias) if c.bias is not None else None
+    scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
+    name = c.weight.target
+    args, kwargs = replaced_args(
+        node,
+        weight=add_constant(gm, scale_input_channels(weight, scale, c.groups), f"{name}_bn"),
+        bias=add_constant(gm, input_shift_bias(weight, bias, shift, c.groups), f"{name}_bn_bias"),
+    )
+    return call(gm, node.target, (arg(norm, 0, "input"), *args[1:]), kwargs)
+
+
+RULES = [
+    # bn -> conv (no zero padding)  =>  conv' (input channels scaled, bias b + sum W * t)
+    Rule("bn-conv", pattern=(BATCH_NORM, NEXT_CONVS), check=can_fold, build=fold),
+]
 
 
 @register_pass("fold_bn_into_next", exact=True)
 def fold_bn_into_next(gm: fx.GraphModule) -> PassResult:
-    return PassResult(gm, False, {})
+    return rewrite(gm, RULES)

@@ -28,6 +28,20 @@ def graph_of(model, *inputs, dynamic_batch: bool = False):
     return capture(copy.deepcopy(model).eval(), inputs, dynamic_batch).graph_module
 
 
+def apply_pass(pass_fn, model, *inputs, rtol=None, atol=None, dynamic_batch: bool = False):
+    """Capture `model`, run `pass_fn` on the graph, assert the result still matches the eager
+    model (on `inputs` and one fresh set), and return the pass's PassResult."""
+    import copy
+
+    from ..graph import clean
+
+    reference = copy.deepcopy(model).eval()
+    result = pass_fn(graph_of(reference, *inputs, dynamic_batch=dynamic_batch))
+    clean(result.graph_module)
+    assert_equivalent(reference, result.graph_module, inputs, rtol, atol, n_random=1)
+    return result
+
+
 def count_ops(gm, *ops) -> int:
     """How many nodes of `gm` call one of `ops`."""
     from ..graph import is_op
@@ -41,4 +55,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["assert_equivalent", "count_ops", "graph_of", "strategies"]
+__all__ = ["apply_pass", "assert_equivalent", "count_ops", "graph_of", "strategies"]

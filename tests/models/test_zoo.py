@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
-
 from fxopt import models
 from fxopt.models import registry
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 NAMES = models.list()
 ISSUE_MODELS = {
@@ -98,7 +97,10 @@ def test_info_describes_the_model(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_create_is_deterministic_for_a_seed(name):
-    first, second = models.create(name, seed=3).state_dict(), models.create(name, seed=3).state_dict()
+    first, second = (
+        models.create(name, seed=3).state_dict(),
+        models.create(name, seed=3).state_dict(),
+    )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
 

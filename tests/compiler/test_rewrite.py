@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch import nn
+
+from fxopt import PassResult, Rule, register_pass, rewrite
+from fxopt.errors import RewriteError
+from fxopt.graph import call
+from fxopt.registry import get_pass, list_passes
+from fxopt.testing import count_ops, graph_of
+
+aten = torch.ops.aten
+
+
+class ReluRelu(nn.Module):
+    def forward(self, x):
+        return torch.relu(torch.relu(x)) + 1
+
+
+def test_rewrite_applies_a_chain_rule_until_fixed_point_and_counts_firings():
+    gm = graph_of(ReluRelu(), torch.randn(2, 3))
+    rule = Rule("relu-relu", pattern=(aten.relu, aten.relu), build=lambda m: m[0])
+    result = rewrite(gm, [rule])
+    assert result.modified and result.applied == {"relu-relu": 1}
+    assert count_ops(result.graph_module, aten.relu) == 1
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(result.graph_module(x), ReluRelu()(x))
+
+
+def test_rewrite_reports_no_change_when_check_declines():
+    gm = graph_of(ReluRelu(), torch.randn(2, 3))
+    rule = Rule("never", pattern=(aten.relu, aten.relu), check=lambda m: False,
+                build=lambda m: m[0])
+    result = rewrite(gm, [rule])
+    assert not result.modified and result.applied == {}
+
+
+def test_rewrite_raises_on_a_rule_that_never_settles():
+    gm = graph_of(ReluRelu(), torch.randn(2, 3))
+    # relu(x) => relu(x) again: a fresh node every time, so the rule always matches
+    rule = Rule("loop", pattern=(aten.relu,),
+                build=lambda m: call(m.gm, aten.relu.default, (m.root.args[0],)))
+    with pytest.raises(RewriteError, match="did not settle"):
+        rewrite(gm, [rule])
+
+
+def test_function_pattern_matches_what_it_returns():
+    gm = graph_of(ReluRelu(), torch.randn(2, 3))
+
+    def add_one(node):
+        return (node,) if node.target is aten.add.Tensor and node.args[1] == 1 else None
+
+    rule = Rule("drop-add-one", pattern=add_one, build=lambda m: m.root.args[0])
+    result = rewrite(gm, [rule])
+    assert result.applied == {"drop-add-one": 1}
+    assert count_ops(result.graph_module, aten.add) == 0
+
+
+def test_register_pass_makes_a_user_pass_listed_and_resolvable():
+    @register_pass("test_identity_pass", exact=True)
+    def test_identity_pass(gm):
+        """test_identity_pass: anything => the same."""
+        return PassResult(gm, False, {})
+
+    info = get_pass("test_identity_pass")
+    assert info.exact and info.description.startswith("test_identity_pass")
+    assert "test_identity_pass" in [p.name for p in list_passes()]
+    assert "fold_conv_bn" in [p.name for p in list_passes()]

@@ -1,0 +1,178 @@
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxopt
+from fxopt.passes.fold_conv_bn import fold_conv_bn
+from fxopt.testing import apply_pass, count_ops, graph_of
+
+aten = torch.ops.aten
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+TCONV = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def randomized(bn: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    n = bn.num_features
+    bn.running_mean = torch.randn(n, generator=g)
+    bn.running_var = torch.rand(n, generator=g) * 1.5 + 0.5
+    if bn.affine:
+        bn.weight.data = torch.rand(n, generator=g) + 0.5
+        bn.bias.data = torch.randn(n, generator=g) * 0.3
+    return bn
+
+
+def conv_bn(dims=2, transposed=False, affine=True, **conv_kwargs) -> nn.Sequential:
+    kinds = TCONV if transposed else CONV
+    conv = kinds[dims](4, 6, **{"kernel_size": 3, **conv_kwargs})
+    return nn.Sequential(conv, randomized(BN[dims](6, affine=affine))).eval()
+
+
+def x_for(dims: int, batch: int = 2, channels: int = 4) -> torch.Tensor:
+    return torch.randn(batch, channels, *([9] * dims))
+
+
+def test_fold_conv_bn_removes_every_batch_norm_and_counts_match_applied():
+    model = nn.Sequential(conv_bn(), nn.ReLU())
+    result = apply_pass(fold_conv_bn, model, x_for(2))
+    assert result.modified and result.applied == {"conv-bn": 1}
+    assert count_ops(result.graph_module, aten.batch_norm) == 0
+    assert count_ops(result.graph_module, aten.conv2d) == 1
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fold_conv_bn_matches_eager_for_conv_and_conv_transpose(dims, transposed):
+    model = conv_bn(dims, transposed, groups=2, stride=2, padding=1, dilation=2, bias=False)
+    result = apply_pass(fold_conv_bn, model, x_for(dims))
+    assert result.applied == {"conv-bn": 1}
+
+
+def test_fold_conv_bn_handles_non_affine_norm():
+    result = apply_pass(fold_conv_bn, conv_bn(affine=False), x_for(2))
+    assert result.applied == {"conv-bn": 1}
+
+
+def test_fold_conv_bn_on_zoo_model_matches_eager():
+    model = fxopt.models.create("resnet18_like")
+    (x,) = fxopt.models.example_inputs("resnet18_like", batch=2)
+    result = apply_pass(fold_conv_bn, model, x)
+    assert count_ops(result.graph_module, aten.batch_norm) == 0
+    assert result.applied["conv-bn"] == count_ops(graph_of(model, x), aten.batch_norm)
+
+
+def test_fold_conv_bn_is_idempotent():
+    gm = fold_conv_bn(graph_of(conv_bn(), x_for(2))).graph_module
+    again = fold_conv_bn(gm)
+    assert not again.modified and again.applied == {}
+
+
+class SharedWeight(nn.Module):
+    """One conv module called twice, only one call followed by BN (pytorch issue 104593)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = randomized(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+class SharedOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = randomized(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class NoRunningStats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class WeightFromInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = randomized(nn.BatchNorm2d(4))
+
+    def forward(self, x, w):
+        return self.bn(nn.functional.conv2d(x, w, padding=1))
+
+
+@pytest.mark.parametrize("model", [SharedWeight(), SharedOutput(), NoRunningStats()],
+                         ids=["shared-weight", "shared-output", "no-running-stats"])
+def test_fold_conv_bn_declines_when_precondition_fails(model):
+    model.eval()
+    gm = graph_of(model, x_for(2))
+    code = gm.code
+    result = fold_conv_bn(gm)
+    assert not result.modified and result.graph_module.code == code
+
+
+def test_fold_conv_bn_declines_when_weight_is_not_constant():
+    model = WeightFromInput().eval()
+    result = fold_conv_bn(graph_of(model, x_for(2), torch.randn(4, 4, 3, 3)))
+    assert not result.modified
+
+
+def test_fold_conv_bn_keeps_the_other_call_of_a_shared_conv_intact():
+    """torch.fx's fuser folds BN into the shared module, silently changing the second call."""
+    model = SharedWeight().eval()
+    x = x_for(2)
+    expected = model(x)
+    opt = fxopt.optimize(model, x)
+    torch.testing.assert_close(opt(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@st.composite
+def conv_bn_cases(draw):
+    dims = draw(st.sampled_from([1, 2, 3]))
+    transposed = draw(st.booleans())
+    groups = draw(st.sampled_from([1, 2]))
+    in_ch, out_ch = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel = draw(st.integers(1, 3))
+    stride, dilation = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    extra = {}
+    if transposed:
+        extra["output_padding"] = draw(st.integers(0, max(stride, dilation) - 1))
+    conv = (TCONV if transposed else CONV)[dims](
+        in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
+        groups=groups, bias=draw(st.booleans()), **extra)
+    bn = randomized(BN[dims](out_ch, affine=draw(st.booleans()), eps=draw(st.sampled_from(
+        [1e-5, 1e-3, 0.1]))), seed=draw(st.integers(0, 2**16)))
+    size = draw(st.integers(5, 9 if dims < 3 else 6))  # >= the widest dilated kernel
+    x = torch.randn(draw(st.integers(1, 3)), in_ch, *([size] * dims))
+    return nn.Sequential(conv, bn).eval(), x
+
+
+@settings(max_examples=200, deadline=None)
+@given(conv_bn_cases())
+def test_fold_conv_bn_property_random_conv_bn_graphs_match_eager(case):
+    model, x = case
+    result = apply_pass(fold_conv_bn, model, x)
+    assert result.applied == {"conv-bn": 1}
+    assert count_ops(result.graph_module, aten.batch_norm) == 0
+
+
+def test_fold_conv_bn_leaves_the_model_untouched():
+    model = conv_bn()
+    state = copy.deepcopy(model.state_dict())
+    apply_pass(fold_conv_bn, model, x_for(2))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
