@@ -1,7 +1,7 @@
 """fxopt: make a trained PyTorch model faster without changing what it computes.
 
-    opt = fxopt.optimize(model, example_inputs)
-    print(opt.report)
+opt = fxopt.optimize(model, example_inputs)
+print(opt.report)
 """
 
 from . import errors, models, testing
@@ -29,7 +29,21 @@ def load(path):
 
 
 __all__ = [
-    "DEFAULT_PIPELINE", "FxoptError", "Match", "OptimizedModule", "PassInfo", "PassResult",
-    "Report", "Rule", "compile", "errors", "list_passes", "load", "models", "optimize",
-    "register_pass", "rewrite", "testing",
+    "DEFAULT_PIPELINE",
+    "FxoptError",
+    "Match",
+    "OptimizedModule",
+    "PassInfo",
+    "PassResult",
+    "Report",
+    "Rule",
+    "compile",
+    "errors",
+    "list_passes",
+    "load",
+    "models",
+    "optimize",
+    "register_pass",
+    "rewrite",
+    "testing",
 ]

@@ -49,8 +49,11 @@ def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True)
 
 def batch_size(inputs: tuple) -> int | None:
     """The leading dimension shared by every tensor input, or None."""
-    sizes = {t.shape[0] for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)
-             and t.dim() > 0}
+    sizes = {
+        t.shape[0]
+        for t in pytree.tree_leaves(inputs)
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    }
     tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
     if len(sizes) != 1 or any(t.dim() == 0 for t in tensors):
         return None

@@ -21,11 +21,31 @@ aten = torch.ops.aten
 _CONVS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
 _TRANSPOSED = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
 _MATMULS = (aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm)
-_FREE = (aten.view, aten.reshape, aten.permute, aten.transpose, aten.t, aten.expand,
-         aten.unsqueeze, aten.squeeze, aten.flatten, aten.slice, aten.select, aten.alias,
-         aten.detach, aten.unflatten, aten.sym_size, aten.split, aten.split_with_sizes,
-         aten.chunk, aten.unbind, aten.dropout, aten.contiguous, aten.lift_fresh_copy)
-_IGNORED = {operator.getitem, "sym_size"}
+_FREE = (
+    aten.view,
+    aten.reshape,
+    aten.permute,
+    aten.transpose,
+    aten.t,
+    aten.expand,
+    aten.unsqueeze,
+    aten.squeeze,
+    aten.flatten,
+    aten.slice,
+    aten.select,
+    aten.alias,
+    aten.detach,
+    aten.unflatten,
+    aten.sym_size,
+    aten.split,
+    aten.split_with_sizes,
+    aten.chunk,
+    aten.unbind,
+    aten.dropout,
+    aten.contiguous,
+    aten.lift_fresh_copy,
+)
+_IGNORED = {operator.getitem, "sym_size", "_assert_tensor_metadata"}  # bookkeeping, not compute
 
 
 @dataclass(frozen=True)
@@ -45,7 +65,8 @@ def op_name(node: fx.Node) -> str:
 def op_counts(gm: fx.GraphModule) -> dict[str, int]:
     """How many times each ATen op is called, shape bookkeeping left out."""
     counts = Counter(
-        op_name(n) for n in gm.graph.nodes
+        op_name(n)
+        for n in gm.graph.nodes
         if n.op == "call_function" and n.target not in _IGNORED and op_name(n) not in _IGNORED
     )
     return dict(sorted(counts.items()))

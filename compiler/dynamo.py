@@ -35,8 +35,10 @@ class _Frozen(nn.Module):
 
     def forward(self, *args):
         it = iter(args)
-        full = [getattr(self, f"w{i}") if i in self.weight_positions else next(it)
-                for i in range(self.count)]
+        full = [
+            getattr(self, f"w{i}") if i in self.weight_positions else next(it)
+            for i in range(self.count)
+        ]
         return self.gm(*full)
 
 
@@ -54,8 +56,11 @@ def make_backend(names=DEFAULT_PIPELINE, verify: bool = True, report: Report | N
             log.warning("fxopt backend: symbolic inputs; running this graph unoptimized")
             return gm.forward
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        weights = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs, strict=True))
-                   if _is_weight(n, x)]
+        weights = [
+            i
+            for i, (n, x) in enumerate(zip(placeholders, example_inputs, strict=True))
+            if _is_weight(n, x)
+        ]
         runtime = [i for i in range(len(example_inputs)) if i not in weights]
         args = tuple(example_inputs[i] for i in runtime)
         frozen = _Frozen(gm, example_inputs, weights).eval()
@@ -79,8 +84,9 @@ def fxopt_backend(gm: fx.GraphModule, example_inputs):
     return make_backend()(gm, example_inputs)
 
 
-def optimize_with_dynamo(model: nn.Module, inputs: tuple, names, verify: bool, report: Report,
-                         start: float):
+def optimize_with_dynamo(
+    model: nn.Module, inputs: tuple, names, verify: bool, report: Report, start: float
+):
     from .api import OptimizedModule
 
     report.capture = "dynamo fallback"

@@ -37,7 +37,8 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name: str = "c") -> f
 
     The node goes where the graph's insertion point is (use `gm.graph.inserting_before`).
     """
-    base = f"{CONSTANT_PREFIX}_{name.replace('.', '_')}"
+    stem = name.replace(".", "_").replace(CONSTANT_PREFIX, "").strip("_") or "c"
+    base = f"{CONSTANT_PREFIX}_{stem}"
     i = 0
     while hasattr(gm, f"{base}_{i}"):
         i += 1
@@ -186,3 +187,54 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Any:
         if value is None:
             return None
     return value
+
+
+def mutated_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose tensor an in-place op may write: every value written, with every value that
+    may share its memory (views of it, what it is a view of, ops that may return an input).
+
+    A pass that replaces a node by an equal value, or reads a constant's value at rewrite time,
+    is only sound outside this set.
+    """
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(node: fx.Node) -> fx.Node:
+        while parent.get(node, node) is not node:
+            node = parent[node]
+        return node
+
+    written: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for input_node in _written_inputs(node):
+            written.append(input_node)
+        if _may_alias_inputs(node):
+            for input_node in node.all_input_nodes:
+                parent[find(input_node)] = find(node)
+    roots = {find(node) for node in written}
+    return {node for node in gm.graph.nodes if find(node) in roots} if roots else set()
+
+
+def _written_inputs(node: fx.Node) -> list[fx.Node]:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    found = []
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+        fx.node.map_arg(value, found.append)
+    return found
+
+
+def _may_alias_inputs(node: fx.Node) -> bool:
+    """Whether `node`'s result may share memory with an input (conservative for unknown ops)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return True  # operator.getitem of a list of views, Python functions: assume so
+    if any(r.alias_info is not None for r in schema.returns):
+        return True
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.maybe_aliasing_or_mutating in tags or is_op(node, aten.type_as)

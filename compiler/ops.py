@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph import arg, constant, is_op
+from .graph import arg, constant, is_op, val
 
 aten = torch.ops.aten
 
@@ -36,7 +36,8 @@ def conv(node: fx.Node) -> Conv | None:
     """Read a conv/conv_transpose/convolution call; None for anything else."""
     if not is_op(node, *ANY_CONV):
         return None
-    dims = len(node.meta["val"].shape) - 2 if "val" in node.meta else 2
+    weight = val(node.args[1])
+    dims = weight.dim() - 2 if weight is not None else 2  # the input may be unbatched
     ones, zeros = (1,) * dims, (0,) * dims
 
     def ints(value, default):
@@ -45,18 +46,43 @@ def conv(node: fx.Node) -> Conv | None:
 
     if is_op(node, aten.convolution):
         transposed = bool(node.args[6])
-        return Conv(node, node.args[1], node.args[2], ints(node.args[3], ones),
-                    ints(node.args[4], zeros), ints(node.args[5], ones), node.args[8],
-                    transposed, ints(node.args[7], zeros))
+        return Conv(
+            node,
+            node.args[1],
+            node.args[2],
+            ints(node.args[3], ones),
+            ints(node.args[4], zeros),
+            ints(node.args[5], ones),
+            node.args[8],
+            transposed,
+            ints(node.args[7], zeros),
+        )
     bias = arg(node, 2, "bias")
     stride = ints(arg(node, 3, "stride"), ones)
     padding = ints(arg(node, 4, "padding"), zeros)
     if is_op(node, *TRANSPOSED_CONVS):
-        return Conv(node, node.args[1], bias, stride, padding,
-                    ints(arg(node, 7, "dilation"), ones), arg(node, 6, "groups", 1), True,
-                    ints(arg(node, 5, "output_padding"), zeros))
-    return Conv(node, node.args[1], bias, stride, padding, ints(arg(node, 5, "dilation"), ones),
-                arg(node, 6, "groups", 1), False, zeros)
+        return Conv(
+            node,
+            node.args[1],
+            bias,
+            stride,
+            padding,
+            ints(arg(node, 7, "dilation"), ones),
+            arg(node, 6, "groups", 1),
+            True,
+            ints(arg(node, 5, "output_padding"), zeros),
+        )
+    return Conv(
+        node,
+        node.args[1],
+        bias,
+        stride,
+        padding,
+        ints(arg(node, 5, "dilation"), ones),
+        arg(node, 6, "groups", 1),
+        False,
+        zeros,
+    )
 
 
 @dataclass(frozen=True)
@@ -77,7 +103,8 @@ def batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
     if not is_op(node, *BATCH_NORM) or arg(node, 5, "training", False):
         return None
     weight_node, bias_node = arg(node, 1, "weight"), arg(node, 2, "bias")
-    mean, var = constant(gm, arg(node, 3, "running_mean")), constant(gm, arg(node, 4, "running_var"))
+    mean = constant(gm, arg(node, 3, "running_mean"))
+    var = constant(gm, arg(node, 4, "running_var"))
     weight, bias = constant(gm, weight_node), constant(gm, bias_node)
     if mean is None or var is None:
         return None

@@ -23,6 +23,7 @@ DEFAULT_PIPELINE = (
     "fold_linear_bn",  # the same for linear layers, on either side
     "fold_bn_into_next",  # a norm before a 1x1 or unpadded conv moves into that conv
     "fold_channel_affine",  # layer scale and x*a+b after conv/linear join the weights
+    "remove_noops",  # folding leaves inverse transposes and dead copies next to each other
 )
 
 
@@ -48,6 +49,7 @@ def run_passes(
 ) -> fx.GraphModule:
     """Run each pass on `gm`; with `verify`, check it against the graph before it on `inputs`
     and roll it back when it fails. Returns the final graph module."""
+    records = []
     for name in names:
         info = get_pass(name)
         before = snapshot(gm) if verify else None
@@ -68,5 +70,6 @@ def run_passes(
                 raise
             gm = before
         record.seconds = time.perf_counter() - start
-        report.record(record)
+        records.append(record)
+    report.add_run(records)
     return gm

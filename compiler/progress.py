@@ -46,15 +46,18 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()
-          ) -> list[str]:
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()
+) -> list[str]:
     """Lines of a plain-text table, two spaces of indent; columns in `right` align right."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if i in right else v.ljust(w)
-                 for i, (v, w) in enumerate(zip(values, widths, strict=True))]
+        parts = [
+            v.rjust(w) if i in right else v.ljust(w)
+            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ]
         return ("  " + "  ".join(parts)).rstrip()
 
     return [line(list(headers)), *(line(r) for r in cells)]

@@ -32,18 +32,18 @@ class Report:
     final_error: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # capture, passes, verify, total
 
-    def record(self, record: PassRecord) -> None:
-        """Add a pass's record, merging with an earlier one of the same name (Dynamo graphs)."""
-        for old in self.passes:
-            if old.name == record.name:
-                for rule, count in record.applied.items():
-                    old.applied[rule] = old.applied.get(rule, 0) + count
-                old.seconds += record.seconds
-                old.max_error = _max(old.max_error, record.max_error)
-                if record.status != "no change" and old.status in ("no change", "applied"):
-                    old.status, old.message = record.status, record.message
-                return
-        self.passes.append(record)
+    def add_run(self, records: list[PassRecord]) -> None:
+        """Add one pipeline run; a further run (another Dynamo graph) adds into the same rows."""
+        if [p.name for p in self.passes] != [r.name for r in records]:
+            self.passes.extend(records)
+            return
+        for old, new in zip(self.passes, records, strict=True):
+            for rule, count in new.applied.items():
+                old.applied[rule] = old.applied.get(rule, 0) + count
+            old.seconds += new.seconds
+            old.max_error = _max(old.max_error, new.max_error)
+            if new.status != "no change" and old.status in ("no change", "applied"):
+                old.status, old.message = new.status, new.message
 
     @property
     def rolled_back(self) -> list[str]:
@@ -84,8 +84,9 @@ def _render(r: Report) -> list[str]:
 def _render_stats(before: Stats, after: Stats) -> list[str]:
     lines = [f"  {'':<22} {'before':>12} {'after':>12}"]
     lines.append(f"  {'parameters':<22} {before.params:>12,} {after.params:>12,}")
-    lines.append(f"  {'MFLOPs (example batch)':<22} {before.flops / 1e6:>12.2f} "
-                 f"{after.flops / 1e6:>12.2f}")
+    lines.append(
+        f"  {'MFLOPs (example batch)':<22} {before.flops / 1e6:>12.2f} {after.flops / 1e6:>12.2f}"
+    )
     for op in sorted(set(before.op_counts) | set(after.op_counts)):
         b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
         mark = "" if a == b else "  *"

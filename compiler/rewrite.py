@@ -99,6 +99,8 @@ def rewrite(gm: fx.GraphModule, rules: Sequence[Rule], max_rounds: int | None = 
 
 def _apply_once(gm: fx.GraphModule, rules: Sequence[Rule]) -> str | None:
     for node in list(gm.graph.nodes):
+        if not node.users:  # nothing reads it: replacing it changes nothing (and would repeat)
+            continue
         for rule in rules:
             match = rule.match(gm, node)
             if match is None or not rule.check(match):

@@ -86,3 +86,41 @@ def _per_input_channel(values: torch.Tensor, weight: torch.Tensor, groups: int) 
     blocks = values.double().reshape(groups, 1, in_per_group)
     blocks = blocks.expand(groups, out_channels // groups, in_per_group)
     return blocks.reshape(out_channels, in_per_group, *(1,) * (weight.dim() - 2))
+
+
+def per_channel(
+    value: torch.Tensor, rank: int, channel_axis: int, channels: int
+) -> torch.Tensor | None:
+    """`value` as one float64 number per channel, or None unless it broadcasts against a
+    rank-`rank` tensor along `channel_axis` only (every other axis of size 1, no new axes)."""
+    if value.dim() > rank:
+        return None
+    shape = (1,) * (rank - value.dim()) + tuple(value.shape)
+    if any(size != 1 for axis, size in enumerate(shape) if axis != channel_axis):
+        return None
+    if shape[channel_axis] not in (1, channels):
+        return None
+    return value.double().reshape(-1).expand(channels).clone()
+
+
+def elementwise_affine(
+    op: str, operand: torch.Tensor, operand_first: bool = False, alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`y <op> operand` (or `operand <op> y`) written as `y * scale + shift`.
+
+    `op` is an ATen name: mul, div (y / operand only), add and sub (with `alpha` scaling the
+    second operand), rsub (`operand - alpha * y`).
+    """
+    operand = operand.double()
+    one, zero = torch.ones_like(operand), torch.zeros_like(operand)
+    if op == "mul":
+        return operand, zero
+    if op == "div" and not operand_first:
+        return 1 / operand, zero
+    if op == "add":
+        return (alpha * one, operand) if operand_first else (one, alpha * operand)
+    if op == "sub":
+        return (-alpha * one, operand) if operand_first else (one, -alpha * operand)
+    if op == "rsub" and not operand_first:
+        return -alpha * one, operand
+    raise ValueError(f"y {op} operand is not an affine map of y")

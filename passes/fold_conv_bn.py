@@ -4,8 +4,9 @@ Exact: yes; eval-mode batch norm is a per-channel affine map, `y = x * s + t` wi
 s = gamma / sqrt(var + eps) and t = beta - mean * s, and a conv's output channels scale with
 its filter rows (conv1d/2d/3d and conv_transpose1d/2d/3d, any groups, stride, dilation, padding).
 Declines when: the norm uses batch statistics (training mode or no running statistics), the conv
-output has another user, the conv's weight or bias is not a constant or is shared with another
-op (torch.fx's own fuser corrupts that case, pytorch issue 104593), or the channel counts differ.
+input is unbatched, the conv output has another user, the conv's weight or bias is not a constant
+or is shared with another op (torch.fx's own fuser corrupts that case, pytorch issue 104593), or
+the channel counts differ.
 Reference: Ioffe & Szegedy 2015.
 """
 
@@ -29,7 +30,9 @@ def can_fold(match: Match) -> bool:
         return False
     if c.bias is not None and (constant(gm, c.bias) is None or constant_users(gm, c.bias) != 1):
         return False
-    return bn.mean.numel() == producer.meta["val"].shape[1]
+    out = producer.meta["val"]
+    # an unbatched conv's dim 1 is space, not channels
+    return out.dim() == weight.dim() and bn.mean.numel() == out.shape[1]
 
 
 def fold(match: Match) -> fx.Node:

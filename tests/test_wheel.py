@@ -8,8 +8,12 @@ import zipfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FOLDERS = {"compiler": "fxopt", "passes": "fxopt.passes", "codegen": "fxopt.codegen",
-           "models": "fxopt.models"}
+FOLDERS = {
+    "compiler": "fxopt",
+    "passes": "fxopt.passes",
+    "codegen": "fxopt.codegen",
+    "models": "fxopt.models",
+}
 
 
 def source_modules() -> set[str]:
@@ -27,9 +31,20 @@ def source_modules() -> set[str]:
 def wheel(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(out), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     (path,) = out.glob("fxopt-*.whl")
     return path
@@ -56,7 +71,8 @@ def test_every_module_imports_from_the_wheel(wheel, tmp_path):
         "assert 'tvm' not in sys.modules, 'importing fxopt must not import TVM'\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

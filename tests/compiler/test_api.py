@@ -9,8 +9,13 @@ from fxopt.errors import InputError, UnsupportedError
 
 
 def conv_bn_net() -> nn.Module:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Dropout(0.2), nn.Conv2d(8, 4, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Conv2d(8, 4, 1),
+    )
     model[1].running_mean.normal_()
     model[1].running_var.uniform_(0.5, 2.0)
     return model.eval()

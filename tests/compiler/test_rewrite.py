@@ -28,8 +28,9 @@ def test_rewrite_applies_a_chain_rule_until_fixed_point_and_counts_firings():
 
 def test_rewrite_reports_no_change_when_check_declines():
     gm = graph_of(ReluRelu(), torch.randn(2, 3))
-    rule = Rule("never", pattern=(aten.relu, aten.relu), check=lambda m: False,
-                build=lambda m: m[0])
+    rule = Rule(
+        "never", pattern=(aten.relu, aten.relu), check=lambda m: False, build=lambda m: m[0]
+    )
     result = rewrite(gm, [rule])
     assert not result.modified and result.applied == {}
 
@@ -37,8 +38,11 @@ def test_rewrite_reports_no_change_when_check_declines():
 def test_rewrite_raises_on_a_rule_that_never_settles():
     gm = graph_of(ReluRelu(), torch.randn(2, 3))
     # relu(x) => relu(x) again: a fresh node every time, so the rule always matches
-    rule = Rule("loop", pattern=(aten.relu,),
-                build=lambda m: call(m.gm, aten.relu.default, (m.root.args[0],)))
+    rule = Rule(
+        "loop",
+        pattern=(aten.relu,),
+        build=lambda m: call(m.gm, aten.relu.default, (m.root.args[0],)),
+    )
     with pytest.raises(RewriteError, match="did not settle"):
         rewrite(gm, [rule])
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from fxopt import models
-from fxopt.models import registry
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from fxopt import models
+from fxopt.models import registry
 
 NAMES = models.list()
 ISSUE_MODELS = {

@@ -3,12 +3,11 @@ import copy
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
 from fxopt.passes.fold_conv_bn import fold_conv_bn
-from fxopt.testing import apply_pass, count_ops, graph_of
+from fxopt.testing import apply_pass, count_ops, graph_of, strategies
 
 aten = torch.ops.aten
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -16,15 +15,7 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TCONV = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
-def randomized(bn: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    n = bn.num_features
-    bn.running_mean = torch.randn(n, generator=g)
-    bn.running_var = torch.rand(n, generator=g) * 1.5 + 0.5
-    if bn.affine:
-        bn.weight.data = torch.rand(n, generator=g) + 0.5
-        bn.bias.data = torch.randn(n, generator=g) * 0.3
-    return bn
+randomized = strategies.randomize_batch_norm
 
 
 def conv_bn(dims=2, transposed=False, affine=True, **conv_kwargs) -> nn.Sequential:
@@ -114,8 +105,11 @@ class WeightFromInput(nn.Module):
         return self.bn(nn.functional.conv2d(x, w, padding=1))
 
 
-@pytest.mark.parametrize("model", [SharedWeight(), SharedOutput(), NoRunningStats()],
-                         ids=["shared-weight", "shared-output", "no-running-stats"])
+@pytest.mark.parametrize(
+    "model",
+    [SharedWeight(), SharedOutput(), NoRunningStats()],
+    ids=["shared-weight", "shared-output", "no-running-stats"],
+)
 def test_fold_conv_bn_declines_when_precondition_fails(model):
     model.eval()
     gm = graph_of(model, x_for(2))
@@ -139,30 +133,8 @@ def test_fold_conv_bn_keeps_the_other_call_of_a_shared_conv_intact():
     torch.testing.assert_close(opt(x), expected, rtol=1e-5, atol=1e-6)
 
 
-@st.composite
-def conv_bn_cases(draw):
-    dims = draw(st.sampled_from([1, 2, 3]))
-    transposed = draw(st.booleans())
-    groups = draw(st.sampled_from([1, 2]))
-    in_ch, out_ch = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
-    kernel = draw(st.integers(1, 3))
-    stride, dilation = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    padding = draw(st.integers(0, 2))
-    extra = {}
-    if transposed:
-        extra["output_padding"] = draw(st.integers(0, max(stride, dilation) - 1))
-    conv = (TCONV if transposed else CONV)[dims](
-        in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, bias=draw(st.booleans()), **extra)
-    bn = randomized(BN[dims](out_ch, affine=draw(st.booleans()), eps=draw(st.sampled_from(
-        [1e-5, 1e-3, 0.1]))), seed=draw(st.integers(0, 2**16)))
-    size = draw(st.integers(5, 9 if dims < 3 else 6))  # >= the widest dilated kernel
-    x = torch.randn(draw(st.integers(1, 3)), in_ch, *([size] * dims))
-    return nn.Sequential(conv, bn).eval(), x
-
-
 @settings(max_examples=200, deadline=None)
-@given(conv_bn_cases())
+@given(strategies.conv_bn())
 def test_fold_conv_bn_property_random_conv_bn_graphs_match_eager(case):
     model, x = case
     result = apply_pass(fold_conv_bn, model, x)
@@ -176,3 +148,21 @@ def test_fold_conv_bn_leaves_the_model_untouched():
     apply_pass(fold_conv_bn, model, x_for(2))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
+
+
+def test_fold_conv_bn_declines_on_an_unbatched_conv_whose_length_matches_the_channels():
+    """conv1d on (C, L) feeding BatchNorm1d(L): the norm's dim 1 is length, not channels."""
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(6, 6, 3, padding=1)
+            self.bn = randomized(nn.BatchNorm1d(6))
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    model, x = Unbatched().eval(), torch.randn(6, 6)
+    result = fold_conv_bn(graph_of(model, x))
+    assert not result.modified
+    fxopt.testing.assert_equivalent(model, result.graph_module, (x,))
