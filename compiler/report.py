@@ -82,13 +82,13 @@ def _render(r: Report) -> list[str]:
 
 
 def _render_stats(before: Stats, after: Stats) -> list[str]:
-    lines = [f"  {'':<22} {'before':>12} {'after':>12}"]
-    lines.append(f"  {'parameters':<22} {before.params:>12,} {after.params:>12,}")
+    lines = [f"  {'':<36} {'before':>12} {'after':>12}"]
+    lines.append(f"  {'parameters':<36} {before.params:>12,} {after.params:>12,}")
     lines.append(
-        f"  {'MFLOPs (example batch)':<22} {before.flops / 1e6:>12.2f} {after.flops / 1e6:>12.2f}"
+        f"  {'MFLOPs (example batch)':<36} {before.flops / 1e6:>12.2f} {after.flops / 1e6:>12.2f}"
     )
     for op in sorted(set(before.op_counts) | set(after.op_counts)):
         b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
         mark = "" if a == b else "  *"
-        lines.append(f"  {'aten.' + op:<22} {b:>12} {a:>12}{mark}")
+        lines.append(f"  {'aten.' + op:<36} {b:>12} {a:>12}{mark}")
     return lines
