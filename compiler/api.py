@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 from . import cost
 from .capture import batch_size, capture
 from .errors import CaptureError, InputError, UnsupportedError
+from .finalize import InputSpec, finalize, input_spec
 from .pipeline import resolve, run_passes
 from .report import Report
 from .verify import check, input_sets
@@ -26,13 +27,16 @@ BACKENDS = ("eager", "inductor", "tvm")
 class OptimizedModule(nn.Module):
     """The optimized model: the model's call signature and output structure, plus `.report`."""
 
-    def __init__(self, graph_module: nn.Module, report: Report, runner=None):
+    def __init__(self, graph_module: nn.Module, report: Report, runner=None, inputs=None):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
         self._runner = graph_module if runner is None else runner
+        self._inputs: InputSpec | None = inputs
 
     def forward(self, *args, **kwargs):
+        if self._inputs is not None:
+            self._inputs.check(args, kwargs)
         return self._runner(*args, **kwargs)
 
 
@@ -91,14 +95,14 @@ def optimize(
     report.dynamic_batch = captured.dynamic_batch
     if captured.note:
         report.notes.append(captured.note)
-    gm = optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured))
+    gm = finalize(optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured)))
     if verify:
         t = time.perf_counter()
         report.final_error = check(work, gm, [inputs])
         report.seconds["final check"] = time.perf_counter() - t
     runner = _backend_runner(gm, backend)
     report.seconds["total"] = time.perf_counter() - start
-    return OptimizedModule(gm, report, runner)
+    return OptimizedModule(gm, report, runner, input_spec(gm))
 
 
 def optimize_graph(

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .capture import capture
+from .finalize import finalize
 from .pipeline import DEFAULT_PIPELINE
 from .report import Report
 from .verify import check, input_sets
@@ -67,7 +68,7 @@ def make_backend(names=DEFAULT_PIPELINE, verify: bool = True, report: Report | N
         graph_report = report if report is not None else Report("dynamo graph", "eager")
         optimized = capture(frozen, args, dynamic_batch=False).graph_module
         sets = input_sets(args) if verify else []
-        optimized = optimize_graph(optimized, args, names, verify, graph_report, None)
+        optimized = finalize(optimize_graph(optimized, args, names, verify, graph_report, None))
         if verify:
             check(frozen, optimized, sets)
 

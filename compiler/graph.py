@@ -28,7 +28,7 @@ def constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     """The tensor behind a `get_attr` node, or None if `node` is not a constant."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    value = _get_attr(gm, node.target)
+    value = get_attribute(gm, node.target)
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -180,7 +180,8 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
         return copy.deepcopy(gm, memo)
 
 
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+def get_attribute(gm: fx.GraphModule, target: str) -> Any:
+    """The object at dotted path `target` under `gm`, or None."""
     value: Any = gm
     for part in target.split("."):
         value = getattr(value, part, None)

@@ -205,3 +205,20 @@ def test_fxopt_is_a_registered_dynamo_backend():
     compiled = torch.compile(copy.deepcopy(model), backend="fxopt")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_calling_with_another_shape_than_optimized_for_raises_input_error():
+    model = conv_bn_net()
+    opt = fxopt.optimize(model, torch.randn(2, 3, 8, 8))
+    opt(torch.randn(7, 3, 8, 8))  # the batch is free
+    with pytest.raises(InputError, match=r"shape \('B', 3, 8, 8\)"):
+        opt(torch.randn(2, 3, 9, 9))
+    with pytest.raises(InputError, match="float32"):
+        opt(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_static_batch_graph_rejects_another_batch_size():
+    opt = fxopt.optimize(conv_bn_net(), torch.randn(2, 3, 8, 8), dynamic_batch=False)
+    assert not opt.report.dynamic_batch
+    with pytest.raises(InputError, match=r"shape \(2, 3, 8, 8\)"):
+        opt(torch.randn(3, 3, 8, 8))
