@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .graph import constants, is_op
 
@@ -127,6 +128,50 @@ def node_bytes(node: fx.Node, values: dict) -> int:
     """Bytes read and written by one call (inputs once each, plus the output)."""
     tensors = [values.get(a) for a in node.all_input_nodes] + [values.get(node)]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs and bytes moved; a rewrite that can make a model slower compares these first."""
+
+    flops: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+    def __le__(self, other: Cost) -> bool:
+        """Not more expensive: no more FLOPs, and no more bytes when FLOPs tie."""
+        return (self.flops, self.bytes) <= (other.flops, other.bytes)
+
+
+def static_cost(nodes) -> Cost:
+    """Cost of existing nodes at the shapes recorded in `meta["val"]`; a symbolic size counts
+    at its traced value (the same factor on both sides of a comparison)."""
+    nodes = list(nodes)
+    values = {
+        n: _concrete(n.meta.get("val")) for node in nodes for n in (node, *node.all_input_nodes)
+    }
+    return sum((Cost(node_flops(n, values), node_bytes(n, values)) for n in nodes), Cost())
+
+
+def _concrete(value):
+    if not isinstance(value, torch.Tensor):
+        return value
+    shape = [optimization_hint(d, fallback=1) for d in value.shape]
+    return torch.empty(shape, dtype=value.dtype, device="meta")
+
+
+def conv_flops(batch: int, out_spatial, weight_shape, bias: bool) -> int:
+    """FLOPs of a (non-transposed) conv from its shapes, before the conv exists."""
+    out_channels = weight_shape[0]
+    positions = batch * math.prod(out_spatial)
+    return 2 * positions * math.prod(weight_shape) + (positions * out_channels if bias else 0)
+
+
+def linear_flops(rows: int, in_features: int, out_features: int, bias: bool) -> int:
+    """FLOPs of a linear over `rows` rows, before it exists."""
+    return 2 * rows * in_features * out_features + (rows * out_features if bias else 0)
 
 
 def flops(gm: fx.GraphModule, inputs: tuple, values: dict | None = None) -> int:
