@@ -1,10 +1,10 @@
-"""fxopt's built-in passes; importing this package registers them."""
+"""fxopt's built-in passes: one rewrite per module; importing this package registers them all.
 
-from . import (  # noqa: F401
-    fold_bn_into_next,
-    fold_channel_affine,
-    fold_constants,
-    fold_conv_bn,
-    fold_linear_bn,
-    remove_noops,
-)
+Modules are found, not listed, so a new pass needs no edit here.
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
