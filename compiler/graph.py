@@ -114,6 +114,15 @@ def constant_users(gm: fx.GraphModule, node: fx.Node) -> int:
     return total
 
 
+def owns_weights(gm: fx.GraphModule, weight: Any, bias: Any = None) -> bool:
+    """Whether a conv/linear's weight (and bias, if any) are floating-point constants that no
+    other op reads, so a rewrite may replace them without touching another op's result."""
+    tensor = constant(gm, weight)
+    if tensor is None or not tensor.is_floating_point() or constant_users(gm, weight) != 1:
+        return False
+    return bias is None or (constant(gm, bias) is not None and constant_users(gm, bias) == 1)
+
+
 def constants(gm: fx.GraphModule) -> Iterable[torch.Tensor]:
     """The distinct tensors the graph reads through `get_attr`."""
     seen: dict[int, torch.Tensor] = {}

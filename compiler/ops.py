@@ -57,31 +57,18 @@ def conv(node: fx.Node) -> Conv | None:
             transposed,
             ints(node.args[7], zeros),
         )
-    bias = arg(node, 2, "bias")
-    stride = ints(arg(node, 3, "stride"), ones)
-    padding = ints(arg(node, 4, "padding"), zeros)
-    if is_op(node, *TRANSPOSED_CONVS):
-        return Conv(
-            node,
-            node.args[1],
-            bias,
-            stride,
-            padding,
-            ints(arg(node, 7, "dilation"), ones),
-            arg(node, 6, "groups", 1),
-            True,
-            ints(arg(node, 5, "output_padding"), zeros),
-        )
+    transposed = is_op(node, *TRANSPOSED_CONVS)
+    # conv_transpose puts output_padding at 5 and dilation last; conv puts dilation at 5
     return Conv(
         node,
         node.args[1],
-        bias,
-        stride,
-        padding,
-        ints(arg(node, 5, "dilation"), ones),
+        arg(node, 2, "bias"),
+        ints(arg(node, 3, "stride"), ones),
+        ints(arg(node, 4, "padding"), zeros),
+        ints(arg(node, 7 if transposed else 5, "dilation"), ones),
         arg(node, 6, "groups", 1),
-        False,
-        zeros,
+        transposed,
+        ints(arg(node, 5, "output_padding"), zeros) if transposed else zeros,
     )
 
 

@@ -16,7 +16,7 @@ Reference: Ioffe & Szegedy 2015; the affine-before-conv identity of pre-activati
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, arg, call, constant, constant_users, val
+from fxopt.graph import add_constant, arg, call, constant, owns_weights, val
 from fxopt.ops import BATCH_NORM, CONVS, Conv, batch_norm, conv, replaced_args
 from fxopt.registry import register_pass
 from fxopt.rewrite import Match, PassResult, Rule, rewrite
@@ -31,11 +31,9 @@ def can_fold(match: Match) -> bool:
     bn, c, x = batch_norm(gm, norm), conv(node), val(norm)
     if bn is None or c is None or c.transposed or len(norm.users) != 1 or x is None:
         return False
+    if not owns_weights(gm, c.weight, c.bias):
+        return False
     weight = constant(gm, c.weight)
-    if weight is None or not weight.is_floating_point() or constant_users(gm, c.weight) != 1:
-        return False
-    if c.bias is not None and (constant(gm, c.bias) is None or constant_users(gm, c.bias) != 1):
-        return False
     # An unbatched conv input puts the channels on dim 0, where the norm does not look.
     same_layout = x.dim() == weight.dim() and bn.mean.numel() == weight.shape[1] * c.groups
     return same_layout and can_skip_padding(c, tuple(weight.shape[2:]))

@@ -12,7 +12,7 @@ Reference: Ioffe & Szegedy 2015.
 
 from torch import fx
 
-from fxopt.graph import add_constant, call, constant, constant_users
+from fxopt.graph import add_constant, call, constant, owns_weights
 from fxopt.ops import ANY_CONV, BATCH_NORM, batch_norm, conv, replaced_args
 from fxopt.registry import register_pass
 from fxopt.rewrite import Match, PassResult, Rule, rewrite
@@ -25,12 +25,9 @@ def can_fold(match: Match) -> bool:
     c, bn = conv(producer), batch_norm(gm, norm)
     if c is None or bn is None or len(producer.users) != 1:
         return False
-    weight = constant(gm, c.weight)
-    if weight is None or not weight.is_floating_point() or constant_users(gm, c.weight) != 1:
+    if not owns_weights(gm, c.weight, c.bias):
         return False
-    if c.bias is not None and (constant(gm, c.bias) is None or constant_users(gm, c.bias) != 1):
-        return False
-    out = producer.meta["val"]
+    out, weight = producer.meta["val"], constant(gm, c.weight)
     # an unbatched conv's dim 1 is space, not channels
     return out.dim() == weight.dim() and bn.mean.numel() == out.shape[1]
 

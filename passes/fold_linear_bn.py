@@ -16,7 +16,7 @@ Reference: Ioffe & Szegedy 2015; SLAB (Guo et al. 2024) folds BN into the linear
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, arg, call, constant, constant_users, erase_dead, is_op, val
+from fxopt.graph import add_constant, arg, call, constant, erase_dead, is_op, owns_weights, val
 from fxopt.layout import axis_through, chain_back
 from fxopt.ops import BATCH_NORM, batch_norm, replaced_args
 from fxopt.registry import register_pass
@@ -49,7 +49,7 @@ def can_fold_after(match: Match) -> bool:
     bn, out, normed = batch_norm(gm, norm), val(linear), val(norm)
     if bn is None or out is None or normed is None or normed.dim() < 2:
         return False
-    if not can_rewrite_linear(gm, linear) or axis_through(match.nodes, out.dim() - 1) != 1:
+    if not owns_linear(gm, linear) or axis_through(match.nodes, out.dim() - 1) != 1:
         return False
     return bn.mean.numel() == _weight(gm, linear).shape[0]
 
@@ -60,20 +60,13 @@ def can_fold_before(match: Match) -> bool:
     bn, x, features = batch_norm(gm, norm), val(norm), val(linear.args[0])
     if bn is None or x is None or features is None or x.dim() < 2:
         return False
-    if not can_rewrite_linear(gm, linear) or axis_through(match.nodes, 1) != features.dim() - 1:
+    if not owns_linear(gm, linear) or axis_through(match.nodes, 1) != features.dim() - 1:
         return False
     return bn.mean.numel() == _weight(gm, linear).shape[1]
 
 
-def can_rewrite_linear(gm: fx.GraphModule, linear: fx.Node) -> bool:
-    """The linear's weight and bias are floating constants that no other op reads."""
-    weight, bias = arg(linear, 1, "weight"), arg(linear, 2, "bias")
-    tensor = constant(gm, weight)
-    if tensor is None or not tensor.is_floating_point() or tensor.dim() != 2:
-        return False
-    if constant_users(gm, weight) != 1:
-        return False
-    return bias is None or (constant(gm, bias) is not None and constant_users(gm, bias) == 1)
+def owns_linear(gm: fx.GraphModule, linear: fx.Node) -> bool:
+    return owns_weights(gm, arg(linear, 1, "weight"), arg(linear, 2, "bias"))
 
 
 def fold_after(match: Match) -> fx.Node:
