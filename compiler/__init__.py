@@ -4,13 +4,14 @@ opt = fxopt.optimize(model, example_inputs)
 print(opt.report)
 """
 
-from . import errors, models, testing
+from . import errors, models, testing, wildcards
 from .api import OptimizedModule, optimize
 from .errors import FxoptError
+from .pattern import Pattern, pattern  # fxopt.pattern: the function, not the module
 from .pipeline import DEFAULT_PIPELINE
 from .registry import PassInfo, list_passes, register_pass
 from .report import Report
-from .rewrite import Match, PassResult, Rule, rewrite
+from .rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 __version__ = "0.1.0"
 
@@ -30,20 +31,25 @@ def load(path):
 
 __all__ = [
     "DEFAULT_PIPELINE",
+    "Declined",
     "FxoptError",
     "Match",
     "OptimizedModule",
     "PassInfo",
     "PassResult",
+    "Pattern",
     "Report",
     "Rule",
     "compile",
+    "decline",
     "errors",
     "list_passes",
     "load",
     "models",
     "optimize",
+    "pattern",
     "register_pass",
     "rewrite",
     "testing",
+    "wildcards",
 ]

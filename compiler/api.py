@@ -17,6 +17,7 @@ from . import cost
 from .capture import batch_size, capture
 from .errors import CaptureError, InputError, UnsupportedError
 from .finalize import InputSpec, finalize, input_spec
+from .graph import snapshot
 from .pipeline import resolve, run_passes
 from .report import Report
 from .verify import check, input_sets
@@ -25,11 +26,13 @@ BACKENDS = ("eager", "inductor", "tvm")
 
 
 class OptimizedModule(nn.Module):
-    """The optimized model: the model's call signature and output structure, plus `.report`."""
+    """The optimized model: the model's call signature and output structure, plus `.report`
+    and `.graph_module`, the optimized ATen graph to read (the module that runs is a copy
+    tuned for calling, sharing its weights)."""
 
     def __init__(self, graph_module: nn.Module, report: Report, runner=None, inputs=None):
         super().__init__()
-        self.graph_module = graph_module
+        object.__setattr__(self, "graph_module", graph_module)  # not a submodule: no double weights
         self.report = report
         self._runner = graph_module if runner is None else runner
         self._inputs: InputSpec | None = inputs
@@ -95,14 +98,15 @@ def optimize(
     report.dynamic_batch = captured.dynamic_batch
     if captured.note:
         report.notes.append(captured.note)
-    gm = finalize(optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured)))
+    gm = optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured))
+    fast = finalize(snapshot(gm))  # `gm` stays the readable ATen graph; `fast` is what runs
     if verify:
         t = time.perf_counter()
-        report.final_error = check(work, gm, [inputs])
+        report.final_error = check(work, fast, [inputs])
         report.seconds["final check"] = time.perf_counter() - t
-    runner = _backend_runner(gm, backend)
+    runner = _backend_runner(fast, backend)
     report.seconds["total"] = time.perf_counter() - start
-    return OptimizedModule(gm, report, runner, input_spec(gm))
+    return OptimizedModule(gm, report, runner, input_spec(fast))
 
 
 def optimize_graph(

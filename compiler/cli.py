@@ -97,6 +97,12 @@ def _add_optimize(commands) -> None:
         action="store_true",
         help="keep the batch dimension fixed instead of symbolic",
     )
+    opt.add_argument(
+        "--explain",
+        action="store_true",
+        help="also print each pass's near-misses: where a rule's pattern matched but its "
+        "check declined, and why",
+    )
     opt.add_argument("--json", metavar="FILE", type=Path, help="also write the report as JSON")
     opt.set_defaults(command=_optimize)
 
@@ -163,6 +169,9 @@ def _optimize(args: argparse.Namespace) -> int:
         dynamic_batch=not args.static_batch,
     )
     print(optimized.report)
+    if args.explain:
+        print()
+        print(optimized.report.explain())
     if args.json:
         _write_json(args.json, optimized.report.to_dict())
     return 0

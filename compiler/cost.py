@@ -145,6 +145,44 @@ class Cost:
         return (self.flops, self.bytes) <= (other.flops, other.bytes)
 
 
+# FLOPs an op may do per byte it moves before it stops being memory-bound. Peak ratios sit
+# around 10-20 for fp32, but depthwise and small grouped convs reach a fraction of peak FLOPs.
+MACHINE_BALANCE = 8.0
+# A call's fixed cost in bytes-moved units (at about 10 GB/s). Measured with PyTorch 2.13 on one
+# core of this project's CPU machines: a small dense conv, linear or cat costs 2-9 us a call, a
+# small depthwise/grouped conv about 70 us (its CPU path has a large set-up cost). That is why
+# InceptionNeXt's split + three depthwise convs + cat (236 us at 32x16x16) loses to one merged
+# 11x11 depthwise conv (84 us) although the merged kernel does 2.7x the work; at 64x64 maps the
+# two tie (473 vs 486 us).
+OP_OVERHEAD_BYTES = 30_000
+GROUPED_CONV_OVERHEAD_BYTES = 700_000
+
+
+def roofline(cost: Cost, overhead: float = OP_OVERHEAD_BYTES) -> float:
+    """Estimated run time of one call doing `cost`, in byte-transfer units: the longer of
+    compute and memory traffic, plus the call's fixed cost."""
+    return max(cost.flops / MACHINE_BALANCE, float(cost.bytes)) + overhead
+
+
+def call_overhead(groups: int = 1) -> float:
+    """The fixed cost of one call; `groups` > 1 for a grouped or depthwise conv."""
+    return GROUPED_CONV_OVERHEAD_BYTES if groups > 1 else OP_OVERHEAD_BYTES
+
+
+def node_roofline(node: fx.Node) -> float:
+    """`roofline` of an existing node at its recorded shapes."""
+    groups = 1
+    if is_op(node, *_CONVS, *_TRANSPOSED):
+        groups = node.args[-1] if is_op(node, aten.convolution) else _groups(node)
+    return roofline(static_cost([node]), call_overhead(groups))
+
+
+def _groups(node: fx.Node) -> int:
+    index = 6
+    value = node.args[index] if len(node.args) > index else node.kwargs.get("groups", 1)
+    return value if isinstance(value, int) else 1
+
+
 def static_cost(nodes) -> Cost:
     """Cost of existing nodes at the shapes recorded in `meta["val"]`; a symbolic size counts
     at its traced value (the same factor on both sides of a comparison)."""

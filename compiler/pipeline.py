@@ -22,7 +22,12 @@ DEFAULT_PIPELINE = (
     "fold_conv_bn",  # eval batch norm after a conv becomes the conv's weight and bias
     "fold_linear_bn",  # the same for linear layers, on either side
     "fold_bn_into_next",  # a norm before a 1x1 or unpadded conv moves into that conv
+    "merge_parallel_convs",  # a sum of linear branches of one input is one conv (RepVGG family)
+    "merge_sequential_convs",  # conv -> conv, linear -> linear, adapters: one op, if not costlier
+    "merge_conv_into_linear",  # conv branches on a fixed H x W input join the FC (RepMLP)
     "fold_channel_affine",  # layer scale and x*a+b after conv/linear join the weights
+    "merge_channel_branches",  # split -> depthwise convs -> cat: one depthwise conv, if cheaper
+    "fuse_horizontal",  # sibling linears/convs on one input become one wider op (q, k, v)
     "remove_noops",  # folding leaves inverse transposes and dead copies next to each other
 )
 
@@ -59,6 +64,8 @@ def run_passes(
             result = info.fn(gm)
             gm = clean(result.graph_module)
             record.applied = {k: v for k, v in result.applied.items() if v}
+            declined = getattr(result, "declined", None) or {}
+            record.declined = {rule: list(misses) for rule, misses in declined.items() if misses}
             record.status = "applied" if result.modified else "no change"
             if verify and result.modified:
                 record.max_error = check(before, gm, inputs)

@@ -16,6 +16,7 @@ class PassRecord:
     seconds: float = 0.0
     max_error: float | None = None
     message: str | None = None
+    declined: dict[str, list[str]] = field(default_factory=dict)  # rule -> "node: reason"
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Report:
         for old, new in zip(self.passes, records, strict=True):
             for rule, count in new.applied.items():
                 old.applied[rule] = old.applied.get(rule, 0) + count
+            for rule, misses in new.declined.items():
+                known = old.declined.setdefault(rule, [])
+                known += [m for m in misses if m not in known]
             old.seconds += new.seconds
             old.max_error = _max(old.max_error, new.max_error)
             if new.status != "no change" and old.status in ("no change", "applied"):
@@ -51,6 +55,11 @@ class Report:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def explain(self) -> str:
+        """The near-misses of each pass: per rule, the matches its check or build declined,
+        grouped by reason (what ``fxopt optimize --explain`` prints)."""
+        return "\n".join(_render_near_misses(self))
 
     def __str__(self) -> str:
         return "\n".join(_render(self))
@@ -66,11 +75,17 @@ def _render(r: Report) -> list[str]:
     lines = [f"fxopt report: {r.model}  (backend {r.backend}, {r.capture}, {batch})"]
     lines += [f"  note: {n}" for n in r.notes]
     lines += [f"  graph break: {b}" for b in r.graph_breaks]
-    lines += ["", f"  {'pass':<22} {'status':<12} {'time':>8} {'max err':>9}  rules fired"]
+    header = (
+        f"  {'pass':<22} {'status':<12} {'time':>8} {'max err':>9} {'declined':>8}  rules fired"
+    )
+    lines += ["", header]
     for p in r.passes:
         fired = ", ".join(f"{k} x{v}" for k, v in p.applied.items()) or "-"
         err = "-" if p.max_error is None else f"{p.max_error:.1e}"
-        lines.append(f"  {p.name:<22} {p.status:<12} {p.seconds * 1e3:>6.1f}ms {err:>9}  {fired}")
+        misses = sum(len(m) for m in p.declined.values()) or "-"
+        lines.append(
+            f"  {p.name:<22} {p.status:<12} {p.seconds * 1e3:>6.1f}ms {err:>9} {misses:>8}  {fired}"
+        )
         if p.message:
             lines.append(f"  {'':<22} {p.message}")
     if r.before and r.after:
@@ -91,4 +106,24 @@ def _render_stats(before: Stats, after: Stats) -> list[str]:
         b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
         mark = "" if a == b else "  *"
         lines.append(f"  {'aten.' + op:<36} {b:>12} {a:>12}{mark}")
+    return lines
+
+
+def _render_near_misses(r: Report, shown: int = 4) -> list[str]:
+    lines = [f"near-misses: {r.model}  (a rule's pattern matched, its check or build declined)"]
+    for p in r.passes:
+        if not p.declined:
+            continue
+        lines.append(f"  {p.name}")
+        for rule, misses in p.declined.items():
+            by_reason: dict[str, list[str]] = {}
+            for miss in misses:
+                node, _, reason = miss.partition(": ")
+                by_reason.setdefault(reason, []).append(node)
+            for reason, nodes in by_reason.items():
+                more = f", ... ({len(nodes) - shown} more)" if len(nodes) > shown else ""
+                lines.append(f"    {rule}: {reason}  x{len(nodes)}")
+                lines.append(f"      at {', '.join(nodes[:shown])}{more}")
+    if len(lines) == 1:
+        lines.append("  none: every match of every rule fired")
     return lines

@@ -1,8 +1,10 @@
 """Rules and the greedy driver that applies them until nothing changes.
 
-A rule is data: a name, a pattern, a pure `check`, and a `build` that writes the replacement
-(or returns None to decline). The driver walks the graph, tries every rule at every node, and
-stops at a fixed point. A rule set that keeps firing forever is a bug and raises.
+A rule is data: a name, a pattern, a pure `check`, and a `build` that writes the replacement (or
+declines), or a `replacement` function inlined in place of the match. The driver walks the graph,
+tries every rule at every node, and stops at a fixed point. A rule set that keeps firing forever
+is a bug and raises. Matches that a check or build declined in the final graph are the pass's
+near-misses (`PassResult.declined`), each with the reason it gave.
 """
 
 from __future__ import annotations
@@ -12,60 +14,131 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils import _pytree as pytree
 
-from .errors import RewriteError
-from .graph import clean, erase_dead, is_op
+from .errors import InputError, RewriteError
+from .graph import add_constant, call, clean, erase_dead, get_attribute, is_op, val
+from .pattern import Pattern
+from .pattern_trace import Traced, first_line, trace_replacement
 
-Pattern = Sequence[Any] | Callable[[fx.Node], "Sequence[fx.Node] | None"]
+PatternSpec = Pattern | Sequence[Any] | Callable[[fx.Node], "Sequence[fx.Node] | None"]
 
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass returns; the attribute names follow torch.fx's own PassResult."""
+    """What a pass returns; the attribute names follow torch.fx's own PassResult.
+
+    `declined` maps a rule name to its near-misses in the final graph: ``"node: reason"`` for
+    each match that the rule's check or build declined.
+    """
 
     graph_module: fx.GraphModule
     modified: bool
     applied: Mapping[str, int] = field(default_factory=dict)
+    declined: Mapping[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Match:
-    """The nodes a pattern matched, producer first; `root` is the node being replaced."""
+    """The nodes a pattern matched, producer first; `root` is the node being replaced.
+
+    ``match[i]`` is the i-th matched node; ``match["w"]`` is the value bound to a pattern
+    function's parameter (or `wildcards.scalar` name) ``w``, as in ``match.bindings``.
+    """
 
     gm: fx.GraphModule
     nodes: tuple[fx.Node, ...]
+    bindings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def root(self) -> fx.Node:
         return self.nodes[-1]
 
-    def __getitem__(self, index: int) -> fx.Node:
-        return self.nodes[index]
+    def __getitem__(self, key: int | str) -> Any:
+        return self.bindings[key] if isinstance(key, str) else self.nodes[key]
+
+
+class Declined:
+    """A falsy verdict that says why: what `decline(reason)` returns."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"decline({self.reason!r})"
+
+
+def decline(reason: str) -> Declined:
+    """Decline a match and say why, from a rule's check or build.
+
+    Parameters
+    ----------
+    reason : str
+        Shown in `PassResult.declined`, the report's pass records and
+        ``fxopt optimize --explain``.
+
+    Returns
+    -------
+    Declined
+        A falsy value: ``return fxopt.decline("weight is shared")``.
+    """
+    return Declined(reason)
+
+
+def _always(match: Match) -> bool:
+    return True
+
+
+def _no_build(match: Match) -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class Rule:
     """A local rewrite.
 
-    `pattern` is either a chain of ops, producer first, each feeding the next one's first
-    argument (an element may be a tuple of alternative ops), or a function from a node to the
-    matched nodes (root last) or None. `check(match)` is pure. `build(match)` inserts the
-    replacement and returns the node that takes the root's place, or None to decline; it must
-    not change the graph when it declines.
+    `pattern` is a `fxopt.pattern(fn)`, a chain of ops, producer first, each feeding the next
+    one's first argument (an element may be a tuple of alternative ops), or a function from a
+    node to the matched nodes (root last) or None. `check(match)` is pure; it returns a truth
+    value, or `fxopt.decline(reason)` to say why not. `build(match)` inserts the replacement and
+    returns the node that takes the root's place, or None (or a `decline`) to decline; it must
+    not change the graph when it declines. With a `fxopt.pattern`, `replacement` may stand in
+    for `build`: a PyTorch function of (some of) the pattern's parameters, inlined in place of
+    the root with the bound values.
     """
 
     name: str
-    pattern: Pattern
-    check: Callable[[Match], bool] = lambda match: True
-    build: Callable[[Match], fx.Node | None] = lambda match: None
+    pattern: PatternSpec
+    check: Callable[[Match], Any] = _always
+    build: Callable[[Match], Any] = _no_build
+    replacement: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.replacement is None:
+            return
+        if not isinstance(self.pattern, Pattern):
+            raise InputError(f"rule {self.name!r}: a replacement needs a fxopt.pattern pattern")
+        if self.build is not _no_build:
+            raise InputError(f"rule {self.name!r}: give build= or replacement=, not both")
+        object.__setattr__(self, "build", Replacement(self.replacement, self.pattern))
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | None:
+        if isinstance(self.pattern, Pattern):
+            found = self.pattern.match(gm, node)
+            return Match(gm, *found) if found else None
         nodes = _match_pattern(self.pattern, node)
         return Match(gm, tuple(nodes)) if nodes else None
 
 
-def _match_pattern(pattern: Pattern, node: fx.Node) -> Sequence[fx.Node] | None:
+def _match_pattern(pattern: PatternSpec, node: fx.Node) -> Sequence[fx.Node] | None:
     if callable(pattern):
         return pattern(node)
     chain = [node]
@@ -81,15 +154,18 @@ def _alternatives(ops: Any) -> tuple:
 
 
 def rewrite(gm: fx.GraphModule, rules: Sequence[Rule], max_rounds: int | None = None) -> PassResult:
-    """Apply `rules` greedily until none fires; return what fired and how often."""
+    """Apply `rules` greedily until none fires; return what fired and how often, and the
+    near-misses of the final graph."""
     applied: Counter[str] = Counter()
     limit = max_rounds if max_rounds is not None else 4 * len(gm.graph.nodes) + 16
     for _ in range(limit):
-        fired = _apply_once(gm, rules)
+        declined: dict[str, list[tuple]] = {}
+        fired = _apply_once(gm, rules, declined)
         if fired is None:
+            near_misses = {rule: [_near_miss(*m) for m in ms] for rule, ms in declined.items()}
             if applied:
                 clean(gm)
-            return PassResult(gm, bool(applied), dict(applied))
+            return PassResult(gm, bool(applied), dict(applied), near_misses)
         applied[fired] += 1
     raise RewriteError(
         f"rules did not settle after {limit} rewrites (last to fire: {fired!r}); "
@@ -97,20 +173,130 @@ def rewrite(gm: fx.GraphModule, rules: Sequence[Rule], max_rounds: int | None = 
     )
 
 
-def _apply_once(gm: fx.GraphModule, rules: Sequence[Rule]) -> str | None:
+def _apply_once(gm: fx.GraphModule, rules: Sequence[Rule], declined: dict) -> str | None:
+    """Fire the first rule that matches and builds; note the declined matches in `declined`.
+
+    Only the last walk (the one where nothing fires) sees every node, so only its notes are kept
+    (and formatted).
+    """
     for node in list(gm.graph.nodes):
         if not node.users:  # nothing reads it: replacing it changes nothing (and would repeat)
             continue
         for rule in rules:
             match = rule.match(gm, node)
-            if match is None or not rule.check(match):
+            if match is None:
+                continue
+            verdict = rule.check(match)
+            if not verdict:
+                declined.setdefault(rule.name, []).append((node, verdict, "check", rule.check))
                 continue
             with gm.graph.inserting_before(match.root):
                 replacement = rule.build(match)
-            if replacement is None:
+            if replacement is None or isinstance(replacement, Declined):
+                declined.setdefault(rule.name, []).append((node, replacement, "build", rule.build))
                 continue
             replacement.meta.setdefault("stack_trace", match.root.meta.get("stack_trace"))
             match.root.replace_all_uses_with(replacement)
             erase_dead(gm, match.root)
             return rule.name
     return None
+
+
+def _near_miss(node: fx.Node, verdict: Any, role: str, fn: Callable) -> str:
+    """`node (module path): reason`; without a reason, the check or build's name and result."""
+    if isinstance(verdict, Declined):
+        reason = verdict.reason
+    elif fn is _no_build:
+        reason = "the rule has no build or replacement"
+    else:
+        name = getattr(fn, "__name__", "<lambda>")
+        reason = f"{role if name == '<lambda>' else name} returned {verdict!r}"
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    path = stack[-1][0] if stack and isinstance(stack[-1], tuple) else ""
+    return f"{node.name} ({path}): {reason}" if path else f"{node.name}: {reason}"
+
+
+class Replacement:
+    """The `build` of a rule given a `replacement` function: traced on first use with the
+    pattern's example tensors (scalars as sentinels), then inlined at each match."""
+
+    def __init__(self, fn: Callable[..., Any], pattern: Pattern):
+        self.fn, self.pattern, self._traced = fn, pattern, None
+        self.__name__ = getattr(fn, "__name__", "replacement")
+
+    def traced(self) -> Traced:
+        if self._traced is None:
+            kinds, examples = self.pattern.binding_names, self.pattern.traced.examples
+            self._traced = trace_replacement(self.fn, kinds, examples, self.pattern.name)
+        return self._traced
+
+    def __call__(self, match: Match) -> fx.Node | Declined:
+        return _inline(match, self.traced(), self.__name__)
+
+
+def _inline(match: Match, traced: Traced, name: str) -> fx.Node | Declined:
+    """Insert `traced`'s ops at the insertion point, with the match's bound values."""
+    gm, source, scalars = match.gm, traced.graph_module, traced.trace.scalars
+    placeholders = [n for n in source.graph.nodes if n.op == "placeholder"]
+    (output,) = pytree.tree_leaves(source.graph.output_node().args[0])
+    root = val(match.root)
+    device = root.device if isinstance(root, torch.Tensor) else None
+
+    def lookup(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return values[a]
+        return match.bindings[scalars[a]] if type(a) is float and a in scalars else a
+
+    created: list[fx.Node] = []
+    try:
+        bound = [match.bindings[n] for n in traced.tensor_names]
+        values = dict(zip(placeholders, bound, strict=True))
+        for node in _ancestors(source, output):
+            if node.op == "get_attr":  # a tensor the replacement creates, on the model's device
+                tensor = get_attribute(source, node.target).to(device)
+                values[node] = add_constant(gm, tensor, f"{name}_{node.target}")
+            else:
+                args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), lookup)
+                values[node] = call(gm, node.target, args, kwargs)
+            created.append(values[node])
+        _check_like(values[output], match.root)
+    except Exception as error:  # the bound values do not fit the replacement: decline
+        _erase(gm, created)
+        return decline(f"replacement {name} does not apply: {first_line(error)}")
+    return values[output]
+
+
+def _ancestors(source: fx.GraphModule, output: fx.Node) -> list[fx.Node]:
+    """The get_attr and call nodes that `output` depends on, in graph order."""
+    needed, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack += node.all_input_nodes
+    return [n for n in source.graph.nodes if n in needed and n.op != "placeholder"]
+
+
+def _check_like(new: Any, old: fx.Node) -> None:
+    if not isinstance(new, fx.Node):
+        raise TypeError(f"it returns {new!r}, not a graph value")
+    a, b = val(new), val(old)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = len(a.shape) == len(b.shape) and all(
+            statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=True)
+        )
+        if not same or a.dtype != b.dtype:
+            raise ValueError(
+                f"it computes {a.dtype} {list(a.shape)}, the match {b.dtype} {list(b.shape)}"
+            )
+
+
+def _erase(gm: fx.GraphModule, created: list[fx.Node]) -> None:
+    for node in reversed(created):
+        if not node.users:
+            gm.graph.erase_node(node)
+            if node.op == "get_attr" and hasattr(gm, node.target):
+                delattr(gm, node.target)
+
+
+__all__ = ["Declined", "Match", "PassResult", "Rule", "decline", "rewrite"]

@@ -3,7 +3,24 @@
 Importing this package registers every model; see `list`, `create`, `example_inputs`, `info`.
 """
 
-from . import conv3d, convnext, mobilenet, resnet, superres, vit  # noqa: F401  (registers models)
+from . import (  # noqa: F401  (importing registers the models)
+    acnet,
+    conv3d,
+    convnext,
+    dbb,
+    fastvit,
+    inceptionnext,
+    mobilenet,
+    mobileone,
+    replknet,
+    repmlp,
+    repvgg,
+    resnet,
+    superres,
+    unireplknet,
+    vit,
+    vit_adapter,
+)
 from .randomize import randomize_
 from .registry import ModelInfo, create, example_inputs, info, list, register_model
 

@@ -1,7 +1,13 @@
 """Testing helpers for passes and optimized models.
 
-`assert_equivalent` needs only torch; `strategies` needs hypothesis (the `dev` extra) and is
-imported on first use.
+`assert_equivalent` needs only torch. `strategies` (random models and inputs) and `check_pass`
+(property-based equivalence testing of a pass) need hypothesis, the `dev` extra, and are
+imported on first use:
+
+    from fxopt.testing import check_pass
+
+    def test_my_pass():
+        check_pass(my_pass)
 """
 
 from __future__ import annotations
@@ -49,10 +55,29 @@ def count_ops(gm, *ops) -> int:
     return sum(is_op(node, *ops) for node in gm.graph.nodes)
 
 
+_LAZY = {  # name -> module that defines it; these need hypothesis
+    "strategies": None,
+    "check_pass": ".check",
+    "CheckSummary": ".check",
+    "PassCheckError": ".check",
+}
+
+
 def __getattr__(name: str):
-    if name == "strategies":
-        return importlib.import_module(".strategies", __name__)
-    raise AttributeError(name)
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _LAZY[name] is None:
+        return importlib.import_module(f".{name}", __name__)
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
 
 
-__all__ = ["apply_pass", "assert_equivalent", "count_ops", "graph_of", "strategies"]
+__all__ = [
+    "CheckSummary",
+    "PassCheckError",
+    "apply_pass",
+    "assert_equivalent",
+    "check_pass",
+    "count_ops",
+    "graph_of",
+    "strategies",
+]

@@ -1,0 +1,401 @@
+"""merge_sequential_convs: conv -> 1x1 conv, 1x1 conv -> conv, linear -> linear  =>  one op.
+
+Exact: yes; a composition or a sum of affine maps is affine. conv -> 1x1 conv keeps the first
+conv's geometry with W' = P W, b' = P b + b_p; 1x1 conv -> conv keeps the second's with
+W' = W P, b' = b + sum over taps of W b_p (merged groups: gcd of both). linear -> linear is
+W2 W1, W2 b1 + b2. A sum `f(x) + alpha * g(x)` of chains of linears and scalar multiplies of one
+input (ZeroI2V adapters: parallel `W x + b + up(down(x))`, serial `h + up(down(h))` with
+h = host(x), also written `h += ...`) becomes one linear of the nearest such input that passes
+the checks: the parallel form gives W + U D, b + U b_d + b_u; the serial form (I + U D) W,
+(I + U D) b + U b_d + b_u.
+Declines when: a value in between has another user or passes a nonlinearity; a weight or bias is
+not a constant or is shared; the dtypes differ; a conv is transposed, unbatched or of another
+rank; the 1x1 conv is strided or padded; the 1x1 conv before a zero-padded conv has a nonzero
+bias (the padded border reads 0, not the bias; DBB pads with the bias value through an explicit
+pad op, which this pass does not match); the add broadcasts or writes into its source; an input
+or weight is written in place elsewhere; or the merged op would cost more (fxopt.cost: FLOPs,
+then bytes). Merging multiplies out the middle width, so a narrow middle makes it dearer:
+linear in -> mid -> out merges only when in * out <= mid * (in + out), i.e. at
+mid >= in * out / (in + out) (256 -> 4 -> 256 declines, 64 -> 64 -> 64 merges). Per output
+position, k x k C -> M (groups g1) then 1x1 M -> O (g2) merges when
+O C k^2 / gcd(g1, g2) <= M C k^2 / g1 + O M / g2 (a depthwise k x k before a dense 1x1 would
+turn dense and declines); 1x1 C -> M then k x k M -> O when O C k^2 / gcd <= M C / g1 (at every
+input position) + O M k^2 / g2, so when C <= M for equal groups. An adapter with its host
+linear always passes.
+Reference: DBB (Ding et al. 2021), ZeroI2V (Li et al. 2024), SimVQ (Zhu et al. 2024).
+"""
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
+
+from fxopt.cost import Cost, conv_flops, linear_flops, static_cost
+from fxopt.graph import add_constant, arg, call, constant, constant_users, is_op, val
+from fxopt.ops import CONVS, Conv, conv
+from fxopt.registry import register_pass
+from fxopt.rewrite import Match, PassResult, Rule, rewrite
+
+from .fold_bn_into_next import can_skip_padding
+from .sequential_math import Bias, add_linears, compose_linears, pointwise_after, pointwise_before
+
+aten = torch.ops.aten
+LINEAR = (aten.linear,)
+CONV_OPS = (*CONVS, aten.convolution)
+ADDS = (aten.add.Tensor, aten.add_.Tensor)
+
+
+# -- shared preconditions (merge_conv_into_linear uses them too) -------------------------------
+
+
+def owns_constants(gm: fx.GraphModule, *nodes: fx.Node | None) -> bool:
+    """Every node given (None skipped) is a floating-point constant that no other op reads."""
+    for node in nodes:
+        tensor = constant(gm, node) if node is not None else torch.empty(0)
+        if tensor is None or not tensor.is_floating_point():
+            return False
+        if node is not None and constant_users(gm, node) != 1:
+            return False
+    return True
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
+    """(a, b, alpha) of `a + alpha * b` when both are graph values; None otherwise."""
+    if not is_op(node, *ADDS) or len(node.args) != 2:
+        return None
+    alpha = arg(node, 2, "alpha", 1)
+    if not all(isinstance(a, fx.Node) for a in node.args) or isinstance(alpha, bool):
+        return None
+    return (*node.args, float(alpha)) if isinstance(alpha, int | float) else None
+
+
+def same_shape(*nodes: fx.Node) -> bool:
+    shapes = [val(n).shape for n in nodes]
+    return all(len(s) == len(shapes[0]) for s in shapes) and all(
+        statically_known_true(a == b) for s in shapes[1:] for a, b in zip(s, shapes[0], strict=True)
+    )
+
+
+def written_outside(gm: fx.GraphModule, region, touched) -> bool:
+    """Whether an in-place op outside `region` may write the storage of a `touched` value.
+
+    Finer than `fxopt.graph.mutated_nodes`, which joins an in-place add with all its inputs and
+    a view with its size arguments, so a region's own `+=` on a private value would taint its
+    sources.
+    """
+    written = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node not in region:
+            written |= {storage(value) for value in written_arguments(node)}
+    return bool(written) and (None in written or bool(written & {storage(n) for n in touched}))
+
+
+def written_arguments(node: fx.Node) -> list[fx.Node]:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    found = []
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            fx.node.map_arg(arg(node, index, argument.name), found.append)
+    return found
+
+
+def storage(node: fx.Node) -> fx.Node | None:
+    """The value whose memory `node` views (itself if it owns it); None when unknown."""
+    while node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            return None  # getitem of a split, a Python function: may view anything
+        returned = schema.returns[0].alias_info if schema.returns else None
+        if returned is None:
+            return node
+        viewed = [
+            i
+            for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.before_set == returned.before_set
+        ]
+        base = arg(node, viewed[0], schema.arguments[viewed[0]].name) if viewed else None
+        if not isinstance(base, fx.Node):
+            return None
+        node = base
+    return node
+
+
+def functional(nodes) -> None:
+    """In-place adds in a merged region write only values the region alone reads, so once the
+    region is replaced they may run out of place (and be erased as dead)."""
+    for node in nodes:
+        if node.target is aten.add_.Tensor:
+            node.target = aten.add.Tensor
+
+
+def hinted(shape) -> list[int]:
+    """Concrete sizes; a symbolic batch counts at its traced value (on both sides of a cost
+    comparison)."""
+    return [optimization_hint(d, fallback=1) for d in shape]
+
+
+def new_op_cost(node_reads, weight_shape, bias_size: int, out_shape, flops: int, itemsize) -> Cost:
+    """Cost of an op not yet in the graph, counted as `static_cost` counts one that is."""
+    elements = sum(math.prod(s) for s in node_reads) + math.prod(weight_shape) + bias_size
+    return Cost(flops, (elements + math.prod(out_shape)) * itemsize)
+
+
+# -- conv -> conv -------------------------------------------------------------------------------
+
+
+def is_pointwise(c: Conv, kernel) -> bool:
+    """A 1x1 conv that maps each position to itself."""
+    ones = all(k == 1 for k in kernel) and all(s == 1 for s in c.stride)
+    return ones and can_skip_padding(c, tuple(kernel))
+
+
+@dataclass(frozen=True)
+class ConvPair:
+    first: Conv
+    second: Conv
+    geometry: Conv  # the conv whose kernel, stride, padding and dilation the merged conv keeps
+
+
+def conv_pair(gm: fx.GraphModule, match: Match, pointwise_second: bool) -> ConvPair | None:
+    first, second = conv(match[0]), conv(match.root)
+    if first is None or second is None or first.transposed or second.transposed:
+        return None
+    if len(match[0].users) != 1:
+        return None
+    if not owns_constants(gm, first.weight, first.bias, second.weight, second.bias):
+        return None
+    w1, w2 = constant(gm, first.weight), constant(gm, second.weight)
+    if w1.dtype != w2.dtype or w1.dim() != w2.dim() or val(match[0].args[0]).dim() != w1.dim():
+        return None  # an unbatched conv's dim 1 is space, not channels
+    if pointwise_second:
+        return ConvPair(first, second, first) if is_pointwise(second, w2.shape[2:]) else None
+    if not is_pointwise(first, w1.shape[2:]):
+        return None
+    bias = constant(gm, first.bias) if first.bias is not None else None
+    if bias is not None and bias.any() and not can_skip_padding(second, tuple(w2.shape[2:])):
+        return None  # the padded border reads 0 where the merged conv would assume the bias
+    return ConvPair(first, second, second)
+
+
+def can_merge_convs(match: Match, pointwise_second: bool) -> bool:
+    gm, pair = match.gm, conv_pair(match.gm, match, pointwise_second)
+    if pair is None:
+        return False
+    w1, w2 = constant(gm, pair.first.weight), constant(gm, pair.second.weight)
+    groups = math.gcd(pair.first.groups, pair.second.groups)
+    kernel = constant(gm, pair.geometry.weight).shape[2:]
+    weight_shape = (w2.shape[0], w1.shape[1] * pair.first.groups // groups, *kernel)
+    out, source = hinted(val(match.root).shape), hinted(val(match[0].args[0]).shape)
+    bias = w2.shape[0] if pair.first.bias is not None or pair.second.bias is not None else 0
+    flops = conv_flops(out[0], out[2:], weight_shape, bias > 0)
+    merged = new_op_cost([source], weight_shape, bias, out, flops, w1.element_size())
+    touched = {match[0].args[0], pair.first.weight, pair.second.weight}
+    return merged <= static_cost(match.nodes) and not written_outside(gm, match.nodes, touched)
+
+
+def merge_convs(match: Match, pointwise_second: bool) -> fx.Node:
+    gm, pair = match.gm, conv_pair(match.gm, match, pointwise_second)
+    first, second = pair.first, pair.second
+    tensors = [constant(gm, n) if n is not None else None for n in (first.weight, first.bias)]
+    tensors += [constant(gm, n) if n is not None else None for n in (second.weight, second.bias)]
+    if pointwise_second:
+        weight, bias, groups = pointwise_after(
+            *tensors[:2], first.groups, *tensors[2:], second.groups
+        )
+    else:
+        weight, bias, groups = pointwise_before(
+            *tensors[:2], first.groups, *tensors[2:], second.groups
+        )
+    dtype, name = tensors[0].dtype, f"{second.weight.target}_merged"
+    weight_node = add_constant(gm, weight.to(dtype), name)
+    bias_node = add_constant(gm, bias.to(dtype), f"{name}_bias") if bias is not None else None
+    return call(
+        gm,
+        pair.geometry.node.target,
+        conv_args(pair.geometry, match[0].args[0], weight_node, bias_node, groups),
+    )
+
+
+def conv_args(
+    c: Conv, source: fx.Node, weight: fx.Node, bias: fx.Node | None, groups: int
+) -> tuple:
+    """Arguments of a conv call like `c`'s, on another input, weight, bias and groups."""
+    padding = c.padding if isinstance(c.padding, str) else list(c.padding)
+    geometry = (list(c.stride), padding, list(c.dilation))
+    if is_op(c.node, aten.convolution):
+        return (source, weight, bias, *geometry, False, list(c.output_padding), groups)
+    return (source, weight, bias, *geometry, groups)
+
+
+# -- linear -> linear ---------------------------------------------------------------------------
+
+
+def can_merge_linears(match: Match) -> bool:
+    gm, first, second = match.gm, match[0], match.root
+    if len(first.users) != 1 or not all(is_owned_linear(gm, n) for n in match.nodes):
+        return False
+    w1, w2 = constant(gm, first.args[1]), constant(gm, second.args[1])
+    if w1.dtype != w2.dtype:
+        return False
+    touched = {first.args[0], first.args[1], second.args[1]}
+    bias = arg(first, 2, "bias") is not None or arg(second, 2, "bias") is not None
+    cost = linear_cost(first.args[0], second, bias)
+    return cost <= static_cost(match.nodes) and not written_outside(gm, match.nodes, touched)
+
+
+def is_owned_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A linear whose 2-D weight and bias are constants it alone reads."""
+    if not is_op(node, *LINEAR) or not owns_constants(gm, node.args[1], arg(node, 2, "bias")):
+        return False
+    return constant(gm, node.args[1]).dim() == 2
+
+
+def linear_cost(source: fx.Node, root: fx.Node, bias: bool) -> Cost:
+    """Cost of one linear from `source`'s features to `root`'s output."""
+    x, out = hinted(val(source).shape), hinted(val(root).shape)
+    rows, weight_shape = math.prod(out[:-1]), (out[-1], x[-1])
+    flops = linear_flops(rows, x[-1], out[-1], bias)
+    itemsize = val(root).element_size()
+    return new_op_cost([x], weight_shape, out[-1] if bias else 0, out, flops, itemsize)
+
+
+def merge_linears(match: Match) -> fx.Node:
+    gm, first, second = match.gm, match[0], match.root
+    weight, bias = linear_map(gm, (first, second), None)
+    return merged_linear(gm, first.args[0], weight, bias, constant(gm, first.args[1]).dtype)
+
+
+def merged_linear(gm, source: fx.Node, weight: torch.Tensor, bias, dtype) -> fx.Node:
+    weight_node = add_constant(gm, weight.to(dtype), "linear_merged")
+    if bias is None:
+        return call(gm, aten.linear.default, (source, weight_node))
+    return call(
+        gm,
+        aten.linear.default,
+        (source, weight_node, add_constant(gm, bias.to(dtype), "linear_merged_bias")),
+    )
+
+
+# -- sums of affine maps of one input (adapters) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Path:
+    """A value written as `steps` (linears and scalar multiplies, producer first) of `source`."""
+
+    source: fx.Node
+    steps: tuple[fx.Node, ...] = ()
+
+
+def paths(gm: fx.GraphModule, node: fx.Node, limit: int = 4) -> list[Path]:
+    """`node` as affine maps of ever earlier values, nearest source (`node` itself) first."""
+    found = [Path(node)]
+    while len(found) <= limit and is_affine_step(gm, found[-1].source):
+        step = found[-1].source
+        found.append(Path(step.args[0], (step, *found[-1].steps)))
+    return found
+
+
+def is_affine_step(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if is_op(node, aten.mul.Tensor) and isinstance(node.args[0], fx.Node):
+        return isinstance(node.args[1], int | float) and not isinstance(node.args[1], bool)
+    return is_owned_linear(gm, node)
+
+
+def linear_map(gm: fx.GraphModule, steps, features: int | None) -> tuple[torch.Tensor, Bias]:
+    """The (weight, bias) that `steps` apply to a `features`-wide input, in float64."""
+    weight, bias = None, None  # the identity
+    for step in steps:
+        if is_op(step, aten.mul.Tensor):
+            scale = float(step.args[1])
+            weight = scale * (weight if weight is not None else torch.eye(features).double())
+            bias = bias * scale if bias is not None else None
+            continue
+        w, b = constant(gm, step.args[1]), arg(step, 2, "bias")
+        b = constant(gm, b) if b is not None else None
+        weight, bias = (w.double(), b) if weight is None else compose_linears(weight, bias, w, b)
+    return (weight if weight is not None else torch.eye(features).double()), bias
+
+
+def summed_paths(gm: fx.GraphModule, root: fx.Node) -> tuple[Path, Path, float] | None:
+    """The nearest common source of both operands of `root` that the merge may start from."""
+    operands = add_operands(root)
+    if operands is None or not same_shape(operands[0], operands[1], root):
+        return None
+    a, b, alpha = operands
+    for path_a in paths(gm, a):
+        for path_b in paths(gm, b):
+            common = path_a.source is path_b.source and (path_a.steps or path_b.steps)
+            if common and can_sum(gm, root, path_a, path_b):
+                return path_a, path_b, alpha
+    return None
+
+
+def can_sum(gm: fx.GraphModule, root: fx.Node, path_a: Path, path_b: Path) -> bool:
+    region, source = {*path_a.steps, *path_b.steps}, path_a.source
+    if any(not set(node.users) <= region | {root} for node in region):
+        return False
+    if root.target is aten.add_.Tensor and root.args[0] not in region:
+        return False  # the add writes into the source, which others may read
+    if len({val(n).dtype for n in (*region, root, source)}) != 1:
+        return False
+    if not isinstance(val(source).shape[-1], int):
+        return False
+    linears = [n for n in region if is_op(n, *LINEAR)]
+    biases = [arg(n, 2, "bias") for n in linears if arg(n, 2, "bias") is not None]
+    cost = linear_cost(source, root, bool(biases))
+    touched = {source, *biases, *(n.args[1] for n in linears)}
+    return cost <= static_cost([*region, root]) and not written_outside(
+        gm, {*region, root}, touched
+    )
+
+
+def can_merge_sum(match: Match) -> bool:
+    return summed_paths(match.gm, match.root) is not None
+
+
+def merge_sum(match: Match) -> fx.Node:
+    gm, root = match.gm, match.root
+    path_a, path_b, alpha = summed_paths(gm, root)
+    features = val(path_a.source).shape[-1]
+    first = linear_map(gm, path_a.steps, features)
+    second = linear_map(gm, path_b.steps, features)
+    weight, bias = add_linears(*first, *second, alpha)
+    functional([root])
+    return merged_linear(gm, path_a.source, weight, bias, val(root).dtype)
+
+
+def add_of_values(node: fx.Node) -> list[fx.Node] | None:
+    return [node] if add_operands(node) is not None else None
+
+
+RULES = [
+    # conv -> 1x1 conv  =>  conv with the first's geometry (W' = P W)
+    Rule(
+        "conv-pointwise",
+        pattern=(CONV_OPS, CONV_OPS),
+        check=partial(can_merge_convs, pointwise_second=True),
+        build=partial(merge_convs, pointwise_second=True),
+    ),
+    # 1x1 conv -> conv  =>  conv with the second's geometry (W' = W P)
+    Rule(
+        "pointwise-conv",
+        pattern=(CONV_OPS, CONV_OPS),
+        check=partial(can_merge_convs, pointwise_second=False),
+        build=partial(merge_convs, pointwise_second=False),
+    ),
+    # linear -> linear  =>  linear (W2 W1), when not more expensive
+    Rule("linear-linear", pattern=(LINEAR, LINEAR), check=can_merge_linears, build=merge_linears),
+    # f(x) + alpha * g(x), f and g linears and scalar multiplies  =>  linear (adapters)
+    Rule("linear-sum", pattern=add_of_values, check=can_merge_sum, build=merge_sum),
+]
+
+
+@register_pass("merge_sequential_convs", exact=True)
+def merge_sequential_convs(gm: fx.GraphModule) -> PassResult:
+    return rewrite(gm, RULES)
