@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import fxopt
+from fxopt.testing import count_ops, graph_of
+
+aten = torch.ops.aten
 
 
 @pytest.mark.parametrize("name", fxopt.models.list())
@@ -35,3 +38,19 @@ def test_inductor_backend_compiles_the_optimized_graph():
     opt = fxopt.optimize(model, x, backend="inductor")
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+LAYERS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+DEPLOYABLE = [name for name in fxopt.models.list() if fxopt.models.info(name).has_deploy]
+
+
+@pytest.mark.parametrize("name", DEPLOYABLE)
+def test_optimize_reaches_the_hand_written_deploy_form_on_its_own(name):
+    """fxopt never sees the deploy code: it gets the train form and must find the same layers."""
+    model = fxopt.models.create(name)
+    example = fxopt.models.example_inputs(name, batch=2)
+    opt = fxopt.optimize(model, example)
+    deploy = graph_of(fxopt.models.create(name, deploy=True), *example)
+    assert count_ops(opt.graph_module, *LAYERS) == count_ops(deploy, *LAYERS)
+    assert count_ops(opt.graph_module, aten.batch_norm) == 0
+    fxopt.testing.assert_equivalent(model, opt, fxopt.models.example_inputs(name, batch=3))
