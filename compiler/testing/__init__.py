@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..verify import check, input_sets
+from .. import verify  # not `from ..verify import check`: the submodule `check` would shadow it
 
 
 def assert_equivalent(reference, candidate, inputs, rtol=None, atol=None, n_random: int = 0):
@@ -22,7 +22,7 @@ def assert_equivalent(reference, candidate, inputs, rtol=None, atol=None, n_rand
     (max |a-b| <= rtol * max|a| + atol, dtype-aware defaults), also on `n_random` fresh inputs of
     the same shapes. Returns the largest absolute error; raises VerificationError otherwise."""
     inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-    return check(reference, candidate, input_sets(inputs, n_random), rtol, atol)
+    return verify.check(reference, candidate, verify.input_sets(inputs, n_random), rtol, atol)
 
 
 def graph_of(model, *inputs, dynamic_batch: bool = False):

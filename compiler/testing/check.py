@@ -207,10 +207,8 @@ class Run:
         if self.first is None:
             now, spec = time.perf_counter(), getattr(model, "fxopt_spec", None)
             blocks = spec.count_blocks() if spec is not None else None
-            examples = self.summary.examples
-            self.first = FirstFailure(
-                now, now - self.start, examples, blocks, parameter_count(model)
-            )
+            size, examples = parameter_count(model), self.summary.examples
+            self.first = FirstFailure(now, now - self.start, examples, blocks, size)
         error = failure(self.name, model, example_inputs, outcome, self.first)
         raise error  # one raise site: hypothesis shrinks every failure as the same bug
 
@@ -231,8 +229,9 @@ class Run:
             return error
         seconds = self.shrink_seconds / 2
         spec, example_inputs = minimize(error.spec, error.inputs, self.fails, seconds)
-        outcome = self.fails(spec, example_inputs)
-        if spec == error.spec and example_inputs is error.inputs or outcome is None:
+        unchanged = spec == error.spec and example_inputs is error.inputs
+        outcome = None if unchanged else self.fails(spec, example_inputs)
+        if outcome is None:
             return error
         return failure(self.name, build(spec), example_inputs, outcome, self.first)
 

@@ -33,6 +33,7 @@ class Outcome:
     applied: dict
     measured: tuple[float, float] | None = None
     trace: str = ""
+    other_batch: int | None = None  # the batch size of the last input set checked, if any
 
     @classmethod
     def raised(cls, stage: str, error: Exception, applied: dict) -> Outcome:
@@ -65,51 +66,48 @@ def run_example(run_pass, model: nn.Module, example_inputs, rtol, atol, summary)
     if result.modified or applied:
         summary.fired += 1
         summary.applied.update(applied)
-    sets = input_sets(
-        tuple(example_inputs), n_random=1, other_batch=other_batch(gm, example_inputs)
-    )
+    other = other_batch(gm, example_inputs)
+    sets = input_sets(tuple(example_inputs), n_random=1, other_batch=other)
     try:
         check(reference, rewritten, sets, rtol, atol)
     except VerificationError as error:
         measured = measure_error(reference, rewritten, sets, rtol, atol)
-        return Outcome("the outputs differ", describe(error), applied, measured)
+        return Outcome("the outputs differ", describe(error), applied, measured, "", other)
     except Exception as error:
-        return Outcome.raised("the rewritten graph raised", error, applied)
+        outcome = Outcome.raised("the rewritten graph raised", error, applied)
+        outcome.other_batch = other
+        return outcome
     return None
 
 
 def is_well_conditioned(model: nn.Module, example_inputs) -> bool:
     """Whether float32 rounding alone stays within a quarter of the tolerance: the model agrees
     with its float64 copy. Where it does not, no rewrite can be judged exact up to rounding."""
-    if not any(
-        getattr(t, "dtype", None) == torch.float32 for t in pytree.tree_leaves(example_inputs)
-    ):
+    leaves = pytree.tree_leaves(example_inputs)
+    if not any(getattr(leaf, "dtype", None) == torch.float32 for leaf in leaves):
         return True
-    exact = copy.deepcopy(model).double()
-    wide = pytree.tree_map(
-        lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-        example_inputs,
-    )
     rtol, atol = tolerance(torch.float32)
     with torch.no_grad():
-        narrow = pytree.tree_map(
-            lambda t: t.double() if isinstance(t, torch.Tensor) else t, model(*example_inputs)
-        )
+        exact = copy.deepcopy(model).double()(*pytree.tree_map(_widen, example_inputs))
+        rounded = pytree.tree_map(_widen, model(*example_inputs))
         try:
-            max_error(exact(*wide), narrow, rtol / 4, atol / 4)
+            max_error(exact, rounded, rtol / 4, atol / 4)
         except VerificationError:
             return False
     return True
 
 
+def _widen(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.double()
+    return value
+
+
 def other_batch(gm: fx.GraphModule, example_inputs) -> int | None:
     """Another batch size to check at, when the captured batch is symbolic."""
-    for node in gm.graph.nodes:
-        value = node.meta.get("val") if node.op == "placeholder" else None
-        if (
-            isinstance(value, torch.Tensor)
-            and value.dim()
-            and isinstance(value.shape[0], torch.SymInt)
-        ):
-            return example_inputs[0].shape[0] + 2
+    values = [node.meta.get("val") for node in gm.graph.nodes if node.op == "placeholder"]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim():
+            if isinstance(value.shape[0], torch.SymInt):
+                return example_inputs[0].shape[0] + 2
     return None

@@ -66,12 +66,15 @@ def failure_message(name: str, model, example_inputs, outcome, first) -> tuple[s
         lines.append(f"  max |difference| {error:.3g}, bound {bound:.3g} ({error / bound:.3g}x)")
     lines += [
         f"  rules fired: {outcome.applied or 'none'}",
-        f"  input sets checked: {', '.join(SET_NAMES)}",
+        f"  input sets: {', '.join(SET_NAMES[: 3 if outcome.other_batch else 2])}",
         f"  first counterexample after {plural(first.examples, 'example')} "
         f"({first.seconds:.1f} s); smallest found: {size}.",
         "  to reproduce, save the script below as repro.py and run",
         "    from repro import model, inputs",
-        "    fxopt.testing.apply_pass(<the pass function>, model, *inputs, dynamic_batch=True)",
+        "    from fxopt.verify import check, input_sets",
+        "    graph = fxopt.testing.graph_of(model, *inputs, dynamic_batch=True)",
+        "    gm = <the pass>(graph).graph_module",
+        f"    check(model, gm, input_sets(inputs, n_random=1, other_batch={outcome.other_batch}))",
         "",
         text.rstrip(),
     ]

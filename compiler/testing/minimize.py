@@ -3,8 +3,9 @@
 Hypothesis shrinks the choices a spec was drawn from, which is thorough but slow when every
 attempt exports a model. Knowing the spec's structure, a few targeted attempts go further
 fast: drop a block, unwrap a residual, drop a branch or a concat part, drop an optional norm,
-activation, scale or computed weight, zero the weight seed, use a batch of 1. Greedy: keep
-any simplification that still fails, until none does or the time is up.
+activation, scale or computed weight, halve channel counts and input sizes, use one attention
+head, zero the weight seed, use a batch of 1. An attempt that makes no valid model does not
+fail. Greedy: keep any simplification that still fails, until none does or time is up.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from .spec import Block, ModelSpec
+from .spec import Block, ModelSpec, Shape
 
 OPTIONAL = ("pre_bn", "bn", "act", "scale", "weight_fn")  # a block's optional extras
 
@@ -23,6 +24,9 @@ def simpler_blocks(block: Block) -> Iterator[Block]:
     for key in OPTIONAL:
         if block[key]:
             yield Block(block.kind, {**block.params, key: None}, block.body)
+    for key, smaller in (("out", block["out"] and block["out"] // 2), ("heads", 1)):
+        if block[key] and block[key] > 1 and smaller:
+            yield Block(block.kind, {**block.params, key: smaller}, block.body)
     if block.kind == "residual":
         for body in simpler_sequences(block.body, keep_one=True):
             yield Block("residual", block.params, body)
@@ -50,9 +54,18 @@ def simpler_sequences(blocks: tuple[Block, ...], keep_one: bool) -> Iterator[tup
             yield blocks[:i] + (simpler,) + blocks[i + 1 :]
 
 
+def smaller_inputs(shape: Shape) -> Iterator[Shape]:
+    if shape.channels > 1:
+        yield replace(shape, channels=shape.channels // 2)
+    if shape.sizes and max(shape.sizes) > 1:
+        yield replace(shape, sizes=tuple((size + 1) // 2 for size in shape.sizes))
+
+
 def candidates(spec: ModelSpec, inputs) -> Iterator[tuple[ModelSpec, object]]:
     for blocks in simpler_sequences(spec.blocks, keep_one=True):
         yield spec.with_blocks(blocks), inputs
+    for shape in smaller_inputs(spec.input) if hasattr(inputs, "resized") else ():
+        yield replace(spec, input=shape), inputs.resized(shape.per_example)
     if spec.seed:
         yield replace(spec, seed=0), inputs
     if hasattr(inputs, "with_batch") and inputs.shapes[0][0] > 1:

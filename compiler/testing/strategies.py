@@ -83,7 +83,7 @@ def specs(
     unknown = chosen - set(OPS)
     if unknown:
         raise InvalidArgument(f"unknown ops {sorted(unknown)}; choose from {list(OPS)}")
-    if not chosen & set(BLOCK_KINDS):
+    if not chosen & set(BLOCK_KINDS) - {"residual"}:  # a residual needs a body
         raise InvalidArgument(f"ops={sorted(chosen)} names no block kind; add one of {BLOCK_KINDS}")
     if not 1 <= depth <= 8 or branches < 2 or not set(dims) <= {1, 2, 3} or not dims:
         raise InvalidArgument("need 1 <= depth <= 8, branches >= 2 and dims within (1, 2, 3)")
@@ -101,10 +101,11 @@ def models(ops=None, depth: int = 4, branches: int = 4, dims=(1, 2, 3)):
         ``depthwise``, ``transposed``, ``pool``, ``branches``, ``concat``, ``linear``,
         ``attention`` (SDPA and softmax(q k^T * s) v), ``linear_attention`` (softmax-free),
         ``bn``, ``act``, ``scale`` (layer scale, x * a + b), ``noop`` (eval dropout, clone,
-        contiguous, same-shape views, x * 1), ``residual``. ``bn``, ``act`` and ``scale`` also
-        decorate convs, linears and branches; the modifiers ``identity`` (identity branches and
-        concat parts) and ``computed_weight`` (weights computed from parameters, for
-        fold_constants) only decorate.
+        contiguous, same-shape views, x * 1), ``residual``. ``bn``, ``act`` and ``scale``
+        also decorate convs, linears and branches, and ``pool`` adds average-pool branches.
+        The modifiers ``identity`` (identity branches and concat parts) and
+        ``computed_weight`` (weights computed from parameters, for fold_constants) only
+        decorate.
     depth : int
         Largest number of top-level blocks (1 to 8).
     branches : int
@@ -135,6 +136,10 @@ class Inputs(tuple):
 
     def with_batch(self, batch: int) -> Inputs:
         return Inputs.make([(batch, *shape[1:]) for shape in self.shapes], self.seeds)
+
+    def resized(self, per_example: tuple[int, ...]) -> Inputs:
+        """The same seeds for a model whose input is `per_example` (a single input)."""
+        return Inputs.make([(self.shapes[0][0], *per_example)], self.seeds)
 
     def __repr__(self) -> str:
         return self.code

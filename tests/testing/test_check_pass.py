@@ -7,9 +7,11 @@ import torch
 from mutants import fold_conv_bn_without_eps, merge_conv_pair
 
 from fxopt import PassResult, Rule, rewrite
+from fxopt.errors import VerificationError
 from fxopt.passes import fold_conv_bn
 from fxopt.testing import PassCheckError, check_pass, graph_of, strategies
 from fxopt.testing.check import resolve_pass, set_max_examples
+from fxopt.verify import check, input_sets
 
 pytest_plugins = ["pytester"]
 
@@ -55,7 +57,10 @@ def test_a_broken_rule_fails_with_a_small_runnable_model():
     exec(compile(error.script, "repro.py", "exec"), namespace)  # noqa: S102
     model, inputs = namespace["model"], namespace["inputs"]
     rewritten = rewrite(graph_of(model, *inputs, dynamic_batch=True), [DROP_RELU]).graph_module
-    assert not torch.allclose(rewritten(*inputs), model(*inputs))
+    sets = input_sets(inputs, n_random=1, other_batch=inputs[0].shape[0] + 2)
+    with pytest.raises(VerificationError):  # as the message says to reproduce it
+        check(model, rewritten, sets)
+    assert f"other_batch={inputs[0].shape[0] + 2}" in message
 
 
 def test_a_model_without_a_spec_is_reported_by_its_repr():
