@@ -16,7 +16,7 @@ EXERCISED_BY = {  # pass -> the ops of models it fires on
     "fold_conv_bn": ("conv", "pointwise", "depthwise", "transposed", "bn", "act", "residual"),
     "fold_linear_bn": ("linear", "bn", "act", "noop", "residual"),
     "fold_bn_into_next": ("conv", "pointwise", "depthwise", "bn", "act"),
-    "fold_channel_affine": ("conv", "pointwise", "transposed", "linear", "scale", "act"),
+    "fold_channel_affine": ("conv", "pointwise", "transposed", "linear", "scale"),
     "fold_constants": ("conv", "depthwise", "linear", "computed_weight"),
     "remove_noops": ("noop", "conv", "linear", "act", "residual"),
 }
