@@ -17,15 +17,6 @@ CONV_OPS = (aten.conv1d, aten.conv2d, aten.conv3d)
 ZOO = ("inceptionnext_atto_like", "vit_adapter_net")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops run far faster on one thread than on a shared machine's contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SeparateQKVAttention(nn.Module):
     """ViT self-attention with separate q, k and v projections."""
 

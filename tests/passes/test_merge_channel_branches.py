@@ -20,15 +20,6 @@ CONV_OPS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
 ZOO = ("inceptionnext_atto_like", "vit_adapter_net")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs run far faster on one thread than on a shared machine's contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class InceptionDW(nn.Module):
     """InceptionNeXt's token mixer: identity, a square and two band depthwise convs, each on a
     group of channels, concatenated back."""

@@ -25,15 +25,6 @@ CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_OPS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs on a shared machine run faster on one thread than on contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seeded(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
     """Deterministic weights, independent of the global RNG (hypothesis replays examples)."""
     g = torch.Generator().manual_seed(seed)

@@ -36,15 +36,6 @@ FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 FUNCTIONAL_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs run far faster on one thread than on a shared machine's contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pipeline(*names: str):
     """One pass function that runs the named passes in order; `applied` adds up their rules."""
 
