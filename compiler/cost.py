@@ -193,10 +193,15 @@ def static_cost(nodes) -> Cost:
     return sum((Cost(node_flops(n, values), node_bytes(n, values)) for n in nodes), Cost())
 
 
+def hinted(shape) -> list[int]:
+    """A shape with each symbolic size at its traced value (1 where there is none)."""
+    return [optimization_hint(d, fallback=1) for d in shape]
+
+
 def _concrete(value):
     if not isinstance(value, torch.Tensor):
         return value
-    shape = [optimization_hint(d, fallback=1) for d in value.shape]
+    shape = hinted(value.shape)
     return torch.empty(shape, dtype=value.dtype, device="meta")
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from fxopt.cost import node_roofline, roofline
+from fxopt.cost import hinted, node_roofline, roofline
 from fxopt.graph import (
     add_constant,
     arg,
@@ -81,10 +81,6 @@ def split_axis(node: fx.Node) -> int:
     """The dim of `node`'s output that holds its output features or channels."""
     out, weight = val(node), val(weight_and_bias(node)[0])
     return out.dim() - 1 if is_op(node, aten.linear) else out.dim() - (weight.dim() - 1)
-
-
-def hinted(shape) -> list[int]:
-    return [optimization_hint(d, fallback=1) for d in shape]
 
 
 def keeps_views(node: fx.Node, value) -> bool:

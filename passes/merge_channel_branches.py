@@ -37,9 +37,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from fxopt.cost import call_overhead, node_roofline, roofline
+from fxopt.cost import call_overhead, hinted, node_roofline, roofline
 from fxopt.graph import add_constant, arg, call, constant, constant_users, is_op, mutated_nodes, val
 from fxopt.ops import ANY_CONV, CONVS, Conv, conv
 from fxopt.registry import register_pass
@@ -190,7 +189,7 @@ def signature(c: Conv, stacked: bool) -> tuple:
 
 
 def hinted_numel(node: fx.Node) -> int:
-    return math.prod(optimization_hint(d, fallback=1) for d in val(node).shape)
+    return math.prod(hinted(val(node).shape))
 
 
 def cheaper(
@@ -201,7 +200,7 @@ def cheaper(
     branches = sum(node_roofline(node) for node in work)
     has_bias = any(p.conv and p.conv.bias is not None for p in parts)
     out = val(cat)
-    shape = [optimization_hint(d, fallback=1) for d in out.shape]
+    shape = hinted(out.shape)
     merged = conv_cost(shape, weight_shape, has_bias, input_elements, out.element_size())
     return roofline(merged, call_overhead(groups)) <= branches
 

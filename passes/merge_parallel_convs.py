@@ -32,9 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from fxopt.cost import Cost, conv_flops, static_cost
+from fxopt.cost import Cost, conv_flops, hinted, static_cost
 from fxopt.graph import (
     add_constant,
     call,
@@ -116,8 +115,7 @@ def plan(gm: fx.GraphModule, root: fx.Node) -> Plan | None:
 
 def merged_cost(found: Plan, out: torch.Tensor) -> Cost:
     """FLOPs and bytes of the merged conv, which does not exist yet."""
-    out_shape = [optimization_hint(d, fallback=1) for d in out.shape]
-    in_shape = [optimization_hint(d, fallback=1) for d in val(found.x).shape]
+    out_shape, in_shape = hinted(out.shape), hinted(val(found.x).shape)
     flops = conv_flops(out_shape[0], out_shape[2:], found.weight_shape, bias=True)
     elements = math.prod(in_shape) + math.prod(found.weight_shape) + out_shape[1]
     return Cost(flops, (elements + math.prod(out_shape)) * out.element_size())

@@ -31,9 +31,9 @@ from functools import partial
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxopt.cost import Cost, conv_flops, linear_flops, static_cost
+from fxopt.cost import Cost, conv_flops, hinted, linear_flops, static_cost
 from fxopt.graph import add_constant, arg, call, constant, constant_users, is_op, val
 from fxopt.ops import CONVS, Conv, conv
 from fxopt.registry import register_pass
@@ -131,12 +131,6 @@ def functional(nodes) -> None:
     for node in nodes:
         if node.target is aten.add_.Tensor:
             node.target = aten.add.Tensor
-
-
-def hinted(shape) -> list[int]:
-    """Concrete sizes; a symbolic batch counts at its traced value (on both sides of a cost
-    comparison)."""
-    return [optimization_hint(d, fallback=1) for d in shape]
 
 
 def new_op_cost(node_reads, weight_shape, bias_size: int, out_shape, flops: int, itemsize) -> Cost:
