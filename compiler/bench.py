@@ -78,6 +78,7 @@ def bench(
     repeats: int = REPEATS,
     warmup: int = WARMUP,
     progress: bool = True,
+    shape: tuple[int, ...] | None = None,
 ) -> list[Row]:
     """Time each model's candidates interleaved, after warm-up, on the CPU.
 
@@ -98,6 +99,8 @@ def bench(
         Timed calls and warm-up calls per candidate.
     progress : bool
         Show what is running on stderr.
+    shape : tuple of int, optional
+        One sample's shape instead of the model's registered input shape (e.g. more tokens).
 
     Returns
     -------
@@ -115,7 +118,7 @@ def bench(
         rows = [
             row
             for model in models
-            for row in _bench_model(model, names, batch, repeats, warmup, status)
+            for row in _bench_model(model, names, batch, repeats, warmup, status, shape)
         ]
         for row in rows:
             row.batch, row.threads = batch, torch.get_num_threads()
@@ -150,10 +153,19 @@ def _check(
 
 
 def _bench_model(
-    name: str, candidates: list[str], batch: int, repeats: int, warmup: int, status: Progress
+    name: str,
+    candidates: list[str],
+    batch: int,
+    repeats: int,
+    warmup: int,
+    status: Progress,
+    shape: tuple[int, ...] | None = None,
 ) -> list[Row]:
     model = zoo.create(name).eval()
-    inputs = zoo.example_inputs(name, batch=batch)
+    try:
+        inputs = zoo.example_inputs(name, batch=batch, shape=shape)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     built = [_build(name, c, model, inputs, status) for c in candidates]
     ready = [c for c in built if c.fn is not None]
     with torch.no_grad():

@@ -124,6 +124,11 @@ def _add_bench(commands) -> None:
         "timed as the baseline)",
     )
     timing.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    timing.add_argument(
+        "--input-shape",
+        help="one sample's shape instead of the model's own, e.g. 4096,64 for 4096 tokens "
+        "of width 64 (default: the shape the model is registered with)",
+    )
     timing.add_argument("--threads", type=int, help="torch threads (default: leave as is)")
     timing.add_argument(
         "--repeats",
@@ -185,11 +190,25 @@ def _bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         repeats=args.repeats,
         warmup=args.warmup,
+        shape=_shape(args.input_shape),
     )
     print(format_rows(rows))
     if args.json:
         _write_json(args.json, {"torch": torch.__version__, "rows": [asdict(r) for r in rows]})
     return 0
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        message = f"--input-shape takes integers separated by commas, not {text!r}"
+        raise InputError(message) from None
+    if not shape or min(shape) < 1:
+        raise InputError(f"--input-shape needs positive sizes, got {text!r}")
+    return shape
 
 
 def load_target(target: str, batch: int | None) -> tuple[nn.Module, tuple]:

@@ -3,26 +3,16 @@
 Importing this package registers every model; see `list`, `create`, `example_inputs`, `info`.
 """
 
-from . import (  # noqa: F401  (importing registers the models)
-    acnet,
-    conv3d,
-    convnext,
-    dbb,
-    fastvit,
-    inceptionnext,
-    mobilenet,
-    mobileone,
-    replknet,
-    repmlp,
-    repvgg,
-    resnet,
-    superres,
-    unireplknet,
-    vit,
-    vit_adapter,
-)
+import importlib
+import pkgutil
+
 from .randomize import randomize_
 from .registry import ModelInfo, create, example_inputs, info, list, register_model
+
+# Importing a model module registers its models; every module of the package is one.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("randomize", "registry", "reparam"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ModelInfo",

@@ -142,7 +142,9 @@ def _to_deploy(model: nn.Module, deploy: Deploy) -> nn.Module:
         return deploy(model)
 
 
-def example_inputs(name: str, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    name: str, batch: int = 1, seed: int = 0, shape: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, ...]:
     """Random normal inputs for a model, as ``model(*example_inputs(name))``.
 
     Parameters
@@ -153,15 +155,25 @@ def example_inputs(name: str, batch: int = 1, seed: int = 0) -> tuple[torch.Tens
         Size of the leading batch dimension.
     seed
         Seed of the draw.
+    shape
+        One sample's shape instead of the registered ``input_shape`` (e.g. a longer sequence
+        for a token model); it must have as many dimensions.
 
     Returns
     -------
     tuple of torch.Tensor
-        One float32 tensor of shape ``(batch, *input_shape)``.
+        One float32 tensor of shape ``(batch, *shape)``.
     """
     entry = _entry(name)
+    if shape is None:
+        shape = entry.input_shape
+    elif len(shape) != len(entry.input_shape):
+        raise ValueError(
+            f"{name} takes samples of shape {tuple(entry.input_shape)}; the shape "
+            f"{tuple(shape)} has {len(shape)} dimensions instead of {len(entry.input_shape)}"
+        )
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn((batch, *entry.input_shape), generator=generator),)
+    return (torch.randn((batch, *shape), generator=generator),)
 
 
 def info(name: str) -> ModelInfo:
