@@ -1,5 +1,5 @@
-"""`fxopt bench`: how fast a zoo model runs as eager PyTorch, after fxopt, and under
-`torch.compile`, measured in one process.
+"""`fxopt bench`: how fast a zoo model runs as eager PyTorch, after fxopt, under
+`torch.compile` and through fxopt's TVM build, measured in one process, on the CPU or a GPU.
 
 Every candidate is built, then warmed up, then timed call by call in turns (eager, optimized,
 inductor, eager, optimized, ...), so that noise from the machine hits all of them alike. The
@@ -34,6 +34,8 @@ BUILDERS: dict[str, Builder] = {
     # The baseline torch offers: torch.compile of the original model.
     "inductor": lambda name, model, inputs: torch.compile(model),
     "optimized+inductor": lambda name, model, inputs: optimize(model, inputs, backend="inductor"),
+    # fxopt's rewrites lowered through TVM to generated code for where the inputs live.
+    "tvm": lambda name, model, inputs: optimize(model, inputs, backend="tvm"),
     # The hand-written deploy form, with the same weights as the train form.
     "deploy": lambda name, model, inputs: zoo.create(name, deploy=True),
 }
@@ -56,6 +58,8 @@ class Row:
     note: str = ""
     # How it was measured, so that a row (or its JSON) stands on its own.
     batch: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
     threads: int = 1
     repeats: int = 0
     warmup: int = 0
@@ -79,8 +83,10 @@ def bench(
     warmup: int = WARMUP,
     progress: bool = True,
     shape: tuple[int, ...] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> list[Row]:
-    """Time each model's candidates interleaved, after warm-up, on the CPU.
+    """Time each model's candidates interleaved, after warm-up, on the CPU or a CUDA GPU.
 
     Parameters
     ----------
@@ -89,8 +95,9 @@ def bench(
     backends : list of str
         Candidates, out of ``CANDIDATES``: "eager" (the model itself), "optimized"
         (``fxopt.optimize``), "inductor" (``torch.compile`` of the original model),
-        "optimized+inductor" and "deploy" (the zoo's hand-written deploy form). "eager" is always
-        timed, as the baseline of the speed-up.
+        "optimized+inductor", "tvm" (``fxopt.optimize(..., backend="tvm")``) and "deploy"
+        (the zoo's hand-written deploy form). "eager" is always timed, as the baseline of the
+        speed-up.
     batch : int
         Batch size of the example inputs.
     threads : int, optional
@@ -101,6 +108,11 @@ def bench(
         Show what is running on stderr.
     shape : tuple of int, optional
         One sample's shape instead of the model's registered input shape (e.g. more tokens).
+    device : {"cpu", "cuda"}
+        Where the model and inputs live; on "cuda" every call is timed up to
+        ``torch.cuda.synchronize()`` and peak memory is the CUDA allocator's.
+    dtype : {"float32", "float16", "bfloat16"}
+        Precision of the weights and inputs.
 
     Returns
     -------
@@ -110,6 +122,7 @@ def bench(
     models = [models] if isinstance(models, str) else list(models)
     backends = [backends] if isinstance(backends, str) else list(backends)
     names = _check(models, backends, batch, threads, repeats, warmup)
+    setting = _Setting(_device(device), _dtype(dtype), shape)
     previous = torch.get_num_threads()
     status = Progress(progress)
     try:
@@ -118,10 +131,11 @@ def bench(
         rows = [
             row
             for model in models
-            for row in _bench_model(model, names, batch, repeats, warmup, status, shape)
+            for row in _bench_model(model, names, batch, repeats, warmup, status, setting)
         ]
         for row in rows:
             row.batch, row.threads = batch, torch.get_num_threads()
+            row.device, row.dtype = setting.device.type, dtype
             row.repeats, row.warmup = repeats, warmup
         return rows
     finally:
@@ -152,6 +166,33 @@ def _check(
     return list(dict.fromkeys(["eager", *backends]))
 
 
+@dataclass(frozen=True)
+class _Setting:
+    device: torch.device
+    dtype: torch.dtype
+    shape: tuple[int, ...] | None
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}; choose cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            "--device cuda needs a CUDA GPU and a CUDA build of PyTorch; this machine has "
+            "neither, so benchmark on the CPU or run on a GPU host"
+        )
+    return torch.device(name)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def _bench_model(
     name: str,
     candidates: list[str],
@@ -159,13 +200,14 @@ def _bench_model(
     repeats: int,
     warmup: int,
     status: Progress,
-    shape: tuple[int, ...] | None = None,
+    setting: _Setting,
 ) -> list[Row]:
-    model = zoo.create(name).eval()
+    model = zoo.create(name).eval().to(setting.device, setting.dtype)
     try:
-        inputs = zoo.example_inputs(name, batch=batch, shape=shape)
+        inputs = zoo.example_inputs(name, batch=batch, shape=setting.shape)
     except ValueError as error:
         raise InputError(str(error)) from None
+    inputs = tuple(t.to(setting.device, setting.dtype) for t in inputs)
     built = [_build(name, c, model, inputs, status) for c in candidates]
     ready = [c for c in built if c.fn is not None]
     with torch.no_grad():
@@ -194,8 +236,11 @@ def _build(
     start = time.perf_counter()
     try:
         fn = BUILDERS[candidate](name, model, inputs)
+        if candidate == "deploy":
+            fn = fn.to(inputs[0].device, inputs[0].dtype)
         with torch.no_grad():
             fn(*inputs)  # torch.compile compiles on the first call
+            _synchronize(inputs)
     except Exception as error:  # a candidate that fails is reported; the others still run
         message = (str(error).strip().splitlines() or [""])[0][:120]
         return _Candidate(candidate, None, note=f"build failed: {type(error).__name__}: {message}")
@@ -204,9 +249,17 @@ def _build(
 
 
 def _time_call(fn: Callable, inputs: tuple) -> float:
+    _synchronize(inputs)
     start = time.perf_counter()
     fn(*inputs)
+    _synchronize(inputs)
     return time.perf_counter() - start
+
+
+def _synchronize(inputs: tuple) -> None:
+    """Wait for queued GPU work: a CUDA call returns before its kernels finish."""
+    if inputs and inputs[0].is_cuda:
+        torch.cuda.synchronize(inputs[0].device)
 
 
 def _rows(name: str, built: list[_Candidate], peaks: dict[str, int | None]) -> list[Row]:
@@ -234,7 +287,11 @@ def _spread(seconds: list[float]) -> tuple[float, float]:
 
 
 def peak_memory_bytes(fn: Callable, inputs: tuple) -> int | None:
-    """Most CPU tensor memory live at once during one call of `fn`, above what was live before.
+    """Most tensor memory live at once during one call of `fn`, above what was live before.
+
+    On CUDA inputs this is the CUDA caching allocator's peak (``torch.cuda.max_memory_allocated``
+    after a reset) minus what was allocated before the call. Memory TVM allocates through its
+    own runtime is not seen by PyTorch's allocators on either device.
 
     Every allocation and free that goes through PyTorch's CPU allocator (eager kernels and
     Inductor's buffers alike) is recorded by ``torch.profiler(profile_memory=True)``; the peak
@@ -243,6 +300,15 @@ def peak_memory_bytes(fn: Callable, inputs: tuple) -> int | None:
     """
     from torch.profiler import ProfilerActivity, profile
 
+    if inputs and inputs[0].is_cuda:
+        device = inputs[0].device
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            fn(*inputs)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
     try:
         with torch.no_grad(), _quiet_stderr():
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -276,9 +342,9 @@ def format_rows(rows: Sequence[Row]) -> str:
     """The rows as a table, with a header saying how they were measured and what they mean."""
     first = rows[0] if rows else Row("", "")
     lines = [
-        f"fxopt bench: batch {first.batch}, {first.threads} threads, torch {torch.__version__}, "
-        f"CPU; {first.repeats} timed calls per candidate, interleaved, after {first.warmup} "
-        "warm-up calls",
+        f"fxopt bench: batch {first.batch}, {first.dtype}, {first.threads} threads, torch "
+        f"{torch.__version__}, {_device_name(first.device)}; {first.repeats} timed calls per "
+        f"candidate, interleaved, after {first.warmup} warm-up calls",
         "  speed-up = eager median / candidate median: > 1 is faster than eager, < 1 slower",
         "  peak MB  = most tensor memory live at once during one call (torch.profiler)",
         "  build s  = optimize or compile time, including the first call",
@@ -308,6 +374,12 @@ def format_rows(rows: Sequence[Row]) -> str:
         for r in rows
     ]
     return "\n".join(lines + table(headers, cells, right=(2, 3, 4, 5, 6)))
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return f"CUDA ({torch.cuda.get_device_name()})"
+    return device.upper()
 
 
 def _number(value: float | None, spec: str, suffix: str = "") -> str:

@@ -120,8 +120,17 @@ def _add_bench(commands) -> None:
         "--backends",
         default="eager,optimized",
         help="comma-separated candidates out of eager, optimized, inductor, "
-        "optimized+inductor, deploy (default: eager,optimized; eager is always "
+        "optimized+inductor, tvm, deploy (default: eager,optimized; eager is always "
         "timed as the baseline)",
+    )
+    timing.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)"
+    )
+    timing.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="precision of weights and inputs (default float32)",
     )
     timing.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     timing.add_argument(
@@ -191,6 +200,8 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         shape=_shape(args.input_shape),
+        device=args.device,
+        dtype=args.dtype,
     )
     print(format_rows(rows))
     if args.json:

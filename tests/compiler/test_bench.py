@@ -59,7 +59,7 @@ def test_bench_always_times_eager_and_restores_threads():
     "models, backends, message",
     [
         (["no_such_model"], ["eager"], "unknown model"),
-        ([MODEL], ["tvm"], "unknown candidate"),
+        ([MODEL], ["tensorrt"], "unknown candidate"),
         ([], ["eager"], "no models"),
     ],
 )
@@ -125,3 +125,30 @@ def test_cli_bench_prints_the_table_and_writes_json(capsys, tmp_path):
     assert {r["threads"] for r in data["rows"]} == {1}
     assert [r["candidate"] for r in data["rows"]] == ["eager", "optimized"]
     assert all(r["median_ms"] > 0 for r in data["rows"])
+
+
+def test_bench_runs_in_another_dtype_and_another_sample_shape():
+    rows = bench(
+        "espcn", ["eager"], repeats=1, warmup=0, progress=False, dtype="bfloat16", shape=(1, 8, 8)
+    )
+    assert rows[0].dtype == "bfloat16" and rows[0].device == "cpu" and rows[0].median_ms > 0
+    assert "bfloat16" in format_rows(rows)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"dtype": "int8"}, "unknown dtype"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"shape": (8, 8)}, "has 2 dimensions instead of 3"),
+    ],
+)
+def test_bench_rejects_bad_settings_with_a_clear_message(options, message):
+    with pytest.raises(InputError, match=message):
+        bench("espcn", ["eager"], repeats=1, warmup=0, progress=False, **options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
+def test_bench_on_cuda_without_a_gpu_says_so():
+    with pytest.raises(InputError, match="needs a CUDA GPU"):
+        bench("espcn", ["eager"], repeats=1, progress=False, device="cuda")
