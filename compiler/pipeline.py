@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
+import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from .errors import InputError, VerificationError
 from .graph import clean, snapshot
 from .registry import get_pass
 from .report import PassRecord, Report
+from .rewrite import PassResult
 from .verify import check
 
 log = logging.getLogger("fxopt")
@@ -27,7 +32,13 @@ DEFAULT_PIPELINE = (
     "merge_conv_into_linear",  # conv branches on a fixed H x W input join the FC (RepMLP)
     "fold_channel_affine",  # layer scale and x*a+b after conv/linear join the weights
     "merge_channel_branches",  # split -> depthwise convs -> cat: one depthwise conv, if cheaper
+    "split_channel_kernels",  # and back: channels with small kernels as smaller convs, if cheaper
+    "swap_subpixel_conv",  # conv_transpose(stride r) <=> conv -> pixel_shuffle(r), the cheaper
     "fuse_horizontal",  # sibling linears/convs on one input become one wider op (q, k, v)
+    "sparsify_dilated_kernels",  # a kernel that is zero off a grid: the smaller dilated conv
+    "split_separable_kernels",  # a low-rank kh x kw conv: 1 x kw then kh x 1, if cheaper
+    "canonicalize_attention",  # hand-written softmax(q kT s + mask) v: one SDPA call
+    "reassociate_linear_attention",  # softmax-free (QK^T)V: Q(K^T V), chunked if causal, if cheaper
     "remove_noops",  # folding leaves inverse transposes and dead copies next to each other
 )
 
@@ -45,30 +56,58 @@ def resolve(passes: Sequence[str] | None, approximate: bool) -> list[str]:
     return [n if isinstance(n, str) else n.pass_name for n in names]
 
 
+# An approximate pass is rolled back when its relative L2 error on any verification input set
+# exceeds this: 1.0 is no better than returning zeros, so only a broken rewrite trips it by
+# default. Set it lower (``fxopt.pipeline.APPROXIMATE_MAX_ERROR = 0.05``) or pass
+# `approximate_max_error` to `run_passes` to keep only approximations you accept.
+APPROXIMATE_MAX_ERROR = 1.0
+
+
+@dataclass(frozen=True)
+class ApproximateResult(PassResult):
+    """What an approximate pass returns: a `PassResult` plus its own summary of what it gave
+    up (rank kept, energy, projection residual, ...), copied into the report."""
+
+    summary: Mapping[str, object] = field(default_factory=dict)
+
+
 def run_passes(
     gm: fx.GraphModule,
     names: Sequence[str],
     inputs: Sequence[tuple],
     report: Report,
     verify: bool = True,
+    approximate_max_error: float | None = None,
 ) -> fx.GraphModule:
     """Run each pass on `gm`; with `verify`, check it against the graph before it on `inputs`
-    and roll it back when it fails. Returns the final graph module."""
+    and roll it back when it fails. Returns the final graph module.
+
+    An exact pass fails when it exceeds the floating-point tolerance. An approximate pass
+    (``exact=False``) is not held to that tolerance: its error on the example inputs
+    (``inputs[0]``) and on the other input sets is measured and recorded (max abs, relative
+    L2), and it is rolled back only when the relative L2 error exceeds `approximate_max_error`
+    (default `APPROXIMATE_MAX_ERROR`) or its output is not finite."""
+    limit = APPROXIMATE_MAX_ERROR if approximate_max_error is None else approximate_max_error
     records = []
     for name in names:
         info = get_pass(name)
         before = snapshot(gm) if verify else None
         start = time.perf_counter()
-        record = PassRecord(name, "no change")
+        record = PassRecord(name, "no change", exact=info.exact)
         try:
             result = info.fn(gm)
             gm = clean(result.graph_module)
             record.applied = {k: v for k, v in result.applied.items() if v}
             declined = getattr(result, "declined", None) or {}
             record.declined = {rule: list(misses) for rule, misses in declined.items() if misses}
+            record.summary = dict(getattr(result, "summary", None) or {})
             record.status = "applied" if result.modified else "no change"
-            if verify and result.modified:
+            if verify and result.modified and info.exact:
                 record.max_error = check(before, gm, inputs)
+            elif verify and result.modified:
+                record.error = approximation_error(before, gm, inputs)
+                record.max_error = max(e["max_abs"] for e in record.error.values())
+                _check_limit(record.error, limit)
         except Exception as error:  # a failing pass is rolled back, never fatal
             record.status = "rolled back" if isinstance(error, VerificationError) else "failed"
             record.message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
@@ -80,3 +119,64 @@ def run_passes(
         records.append(record)
     report.add_run(records)
     return gm
+
+
+def approximation_error(
+    reference: Callable, candidate: Callable, inputs: Sequence[tuple]
+) -> dict[str, dict[str, float]]:
+    """Max abs and relative L2 error of `candidate` against `reference`: on ``inputs[0]`` (the
+    example) and the worst over the remaining sets ("random"). Raises VerificationError when an
+    output is not finite or its structure differs."""
+    errors: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for i, args in enumerate(inputs):
+            key = "example" if i == 0 else "random"
+            found = output_error(reference(*args), candidate(*args))
+            old = errors.get(key, {"max_abs": 0.0, "rel_l2": 0.0})
+            errors[key] = {k: max(old[k], found[k]) for k in old}
+    return errors
+
+
+def output_error(expected, actual) -> dict[str, float]:
+    """Max abs and relative L2 (||a - b|| / ||a|| over every output tensor) of two outputs."""
+    ref_leaves, ref_spec = pytree.tree_flatten(expected)
+    leaves, spec = pytree.tree_flatten(actual)
+    if ref_spec != spec:
+        raise VerificationError(f"output structure differs: {ref_spec} vs {spec}")
+    worst, diff_sq, ref_sq = 0.0, 0.0, 0.0
+    for i, (a, b) in enumerate(zip(ref_leaves, leaves, strict=True)):
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            raise VerificationError(f"output {i}: expected shape {tuple(a.shape)}")
+        a, b = a.detach().double(), b.detach().to(a.device).double()
+        if not torch.isfinite(b).all():
+            raise VerificationError(f"output {i}: the approximate model's output has NaN or Inf")
+        if a.numel():
+            worst = max(worst, (a - b).abs().max().item())
+            diff_sq += (a - b).square().sum().item()
+            ref_sq += a.square().sum().item()
+    rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
+    return {"max_abs": worst, "rel_l2": rel}
+
+
+def _check_limit(errors: dict[str, dict[str, float]], limit: float) -> None:
+    for key, error in errors.items():
+        if error["rel_l2"] > limit:
+            raise VerificationError(
+                f"relative L2 error {error['rel_l2']:.3g} on the {key} inputs exceeds the "
+                f"approximate-pass limit {limit:g}; loosen the pass's budget, or raise "
+                "fxopt.pipeline.APPROXIMATE_MAX_ERROR to keep it"
+            )
+
+
+def final_error(reference: Callable, candidate: Callable, inputs: Sequence[tuple], report: Report):
+    """The end-to-end check of the optimized model against eager: exact (raises on a mismatch)
+    unless an approximate pass was applied; then the worst max abs error, with the relative L2
+    error noted in the report."""
+    if all(p.exact or p.status != "applied" for p in report.passes):
+        return check(reference, candidate, inputs)
+    errors = approximation_error(reference, candidate, inputs)
+    rel = max(e["rel_l2"] for e in errors.values())
+    report.notes.append(f"approximate passes applied: end-to-end relative L2 error {rel:.2e}")
+    return max(e["max_abs"] for e in errors.values())

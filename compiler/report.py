@@ -17,6 +17,10 @@ class PassRecord:
     max_error: float | None = None
     message: str | None = None
     declined: dict[str, list[str]] = field(default_factory=dict)  # rule -> "node: reason"
+    exact: bool = True  # False for an approximate pass (run only with approximate=True)
+    # approximate passes: input set ("example", "random") -> {"max_abs": ..., "rel_l2": ...}
+    error: dict[str, dict[str, float]] = field(default_factory=dict)
+    summary: dict[str, object] = field(default_factory=dict)  # the pass's own account
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Report:
     after: Stats | None = None
     final_error: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # capture, passes, verify, total
+    calibration: list[dict] = field(default_factory=list)  # one entry per fxopt.calibrate call
 
     def add_run(self, records: list[PassRecord]) -> None:
         """Add one pipeline run; a further run (another Dynamo graph) adds into the same rows."""
@@ -46,6 +51,11 @@ class Report:
                 known += [m for m in misses if m not in known]
             old.seconds += new.seconds
             old.max_error = _max(old.max_error, new.max_error)
+            for key, error in new.error.items():
+                known_error = old.error.setdefault(key, dict(error))
+                for k, v in error.items():
+                    known_error[k] = max(known_error.get(k, v), v)
+            old.summary.update(new.summary)
             if new.status != "no change" and old.status in ("no change", "applied"):
                 old.status, old.message = new.status, new.message
 
@@ -88,12 +98,37 @@ def _render(r: Report) -> list[str]:
         )
         if p.message:
             lines.append(f"  {'':<22} {p.message}")
+        if not p.exact and (p.error or p.summary):
+            lines.append(f"  {'':<22} approximate: {_describe_approximation(p)}")
     if r.before and r.after:
         lines += ["", *_render_stats(r.before, r.after)]
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in r.seconds.items())
     err = "-" if r.final_error is None else f"{r.final_error:.1e}"
     lines += ["", f"  end-to-end max error vs eager: {err};  {timing}"]
+    for c in r.calibration:
+        lines.append(f"  calibration: {_describe_calibration(c)}")
     return lines
+
+
+def _describe_approximation(p: PassRecord) -> str:
+    parts = [
+        f"{key} max abs {e['max_abs']:.1e}, rel L2 {e['rel_l2']:.1e}" for key, e in p.error.items()
+    ]
+    parts += [f"{k} {_short(v)}" for k, v in p.summary.items()]
+    return "; ".join(parts)
+
+
+def _describe_calibration(c: dict) -> str:
+    text = f"{c['steps']} steps, {c['parameters']} parameters"
+    for key in ("inputs", "held_out"):
+        if c.get(key):
+            e = c[key]
+            text += f"; {key} rel L2 {e['before']:.2e} -> {e['after']:.2e}"
+    return text
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _render_stats(before: Stats, after: Stats) -> list[str]:

@@ -1,0 +1,144 @@
+"""lowrank_linear: linear(x, W, b)  =>  linear(linear(x, R), L, b), W ~ L @ R of rank r.
+
+W = U S Vh (SVD); r is the smallest rank whose singular values keep at least `energy` of
+sum(s**2), and L = U_r sqrt(S_r), R = sqrt(S_r) Vh_r (the square root balances the two factors,
+which helps `fxopt.calibrate` fit them). The default energy 0.999 (epsilon = 1e-3) bounds the
+weight's relative Frobenius error by sqrt(1e-3) ~ 3%; set it with
+``fxopt.passes.lowrank_linear.configure(energy=0.99)``, which `lowrank_conv` shares.
+Exact: no, unless W has rank r (then up to rounding). The pass reports the ranks it kept and the
+smallest energy fraction kept; the pipeline reports the output error.
+Declines when: the weight (or bias) is not a constant used only here, it is all zeros, or the
+factored form is not cheaper: r * (in + out) >= in * out multiply-adds per row.
+A linear this pass produced is never factored again (its weights carry the `lowrank` tag).
+Reference: Maestro (low-rank training by SVD truncation); the Eckart-Young theorem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxopt.graph import add_constant, call, constant, is_op, owns_weights
+from fxopt.pipeline import ApproximateResult
+from fxopt.registry import register_pass
+from fxopt.rewrite import Match, Rule, decline, rewrite
+
+aten = torch.ops.aten
+# Constants this pass creates carry the tag (so they are not factored twice) and the prefix
+# that `fxopt.calibrate` looks for.
+TAG = "calib_lowrank"
+CONFIG = {"energy": 0.999}
+
+
+def configure(**settings) -> dict:
+    """Set the low-rank passes' budget (``energy``: the fraction of sum(s**2) to keep, in
+    (0, 1]); returns the previous settings, so ``configure(**old)`` restores them."""
+    unknown = set(settings) - set(CONFIG)
+    if unknown:
+        raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(CONFIG)}")
+    energy = settings.get("energy", CONFIG["energy"])
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    old = dict(CONFIG)
+    CONFIG.update(settings)
+    return old
+
+
+@dataclass(frozen=True)
+class Factors:
+    left: torch.Tensor  # (out, r)
+    right: torch.Tensor  # (r, in)
+    energy: float  # fraction of sum(s**2) kept
+
+    @property
+    def rank(self) -> int:
+        return self.right.shape[0]
+
+
+def truncate(matrix: torch.Tensor, energy: float) -> Factors:
+    """The smallest-rank factors L @ R of `matrix` keeping at least `energy` of sum(s**2)."""
+    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+    squares = s.square()
+    kept = squares.cumsum(0) / squares.sum()
+    rank = min(int((kept < energy - 1e-12).sum()) + 1, len(s))
+    root = s[:rank].sqrt()
+    left, right = u[:, :rank] * root, root[:, None] * vh[:rank]
+    return Factors(left.to(matrix.dtype), right.to(matrix.dtype), float(kept[rank - 1]))
+
+
+def factored(weight: fx.Node) -> bool:
+    """Whether `weight` is a factor a low-rank pass produced."""
+    return isinstance(weight, fx.Node) and weight.op == "get_attr" and TAG in weight.target
+
+
+def plain_linear(node: fx.Node) -> list[fx.Node] | None:
+    """A linear whose weight this pass did not produce."""
+    if not is_op(node, aten.linear) or len(node.args) < 2 or factored(node.args[1]):
+        return None
+    return [node]
+
+
+def can_factor(match: Match) -> bool:
+    node = match.root
+    weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
+    if not owns_weights(match.gm, weight, bias):
+        return decline("weight or bias is not a constant used only here")
+    if constant(match.gm, weight).dim() != 2 or not constant(match.gm, weight).any():
+        return decline("weight is not a non-zero matrix")
+    return True
+
+
+def factor(match: Match, kept: list) -> fx.Node | None:
+    gm, node = match.gm, match.root
+    weight = constant(gm, node.args[1])
+    out_features, in_features = weight.shape
+    f = truncate(weight, CONFIG["energy"])
+    if f.rank * (in_features + out_features) >= in_features * out_features:
+        return decline(
+            f"rank {f.rank} of {min(weight.shape)} keeps {CONFIG['energy']} of the energy; "
+            f"not cheaper ({f.rank}*({in_features}+{out_features}) >= {in_features}*{out_features})"
+        )
+    bias = node.args[2] if len(node.args) > 2 else None
+    right = add_constant(gm, f.right, f"{TAG}_right")
+    left = add_constant(gm, f.left, f"{TAG}_left")
+    hidden = call(gm, aten.linear.default, (node.args[0], right))
+    kept.append(
+        (
+            f"{f.rank}/{min(weight.shape)}",
+            f.energy,
+            weight.numel(),
+            f.left.numel() + f.right.numel(),
+        )
+    )
+    return call(gm, aten.linear.default, (hidden, left, bias))
+
+
+def summarize(kept: list) -> dict:
+    """The report's account of a low-rank pass: ranks kept, the least energy kept, weights."""
+    if not kept:
+        return {}
+    return {
+        "rank kept": ", ".join(rank for rank, *_ in kept),
+        "min energy kept": min(energy for _, energy, *_ in kept),
+        "weights": f"{sum(k[2] for k in kept):,} -> {sum(k[3] for k in kept):,}",
+    }
+
+
+@register_pass("lowrank_linear", exact=False)
+def lowrank_linear(gm: fx.GraphModule) -> ApproximateResult:
+    kept: list = []
+    rules = [
+        # linear(x, W)  =>  linear(linear(x, R), L)
+        Rule(
+            "linear-lowrank",
+            pattern=plain_linear,
+            check=can_factor,
+            build=lambda m: factor(m, kept),
+        ),
+    ]
+    result = rewrite(gm, rules)
+    return ApproximateResult(
+        result.graph_module, result.modified, result.applied, result.declined, summarize(kept)
+    )
