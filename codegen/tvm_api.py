@@ -3,14 +3,240 @@
 TVM's Python API moves between 0.2x releases (targets are JSON dicts, scheduling lives in
 `tvm.s_tir`, TIR in `tvm.tirx`), so every other codegen module reaches TVM through this
 adapter: `from fxopt.codegen import tvm_api as tv`, then `tv.tvm`, `tv.relax`, `tv.te`,
-`tv.tirx`, `tv.s_tir`, `tv.dlight`, `tv.topi`. Importing this module imports TVM; importing
-`fxopt` or `fxopt.codegen` does not.
+`tv.tirx`, `tv.s_tir`, `tv.dlight`, `tv.topi`, or the small entry points below. Importing this
+module does not import TVM either: TVM is imported on first use, so `import fxopt` and importing any
+codegen module stay TVM-free.
+
+With `TVM_USE_RUNTIME_LIB=1` (or a runtime-only install) `import tvm` loads `libtvm_runtime`
+alone (`tvm.base` skips `libtvm_compiler`). The compiler packages (`relax`, `s_tir`, ...) are
+then unusable, so they are imported on first use: loading and running an exported library
+needs only `tvm.runtime`.
 """
 
 from __future__ import annotations
 
-import tvm
-from tvm import relax, s_tir, te, tirx, topi
-from tvm.s_tir import dlight
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = ["dlight", "relax", "s_tir", "te", "tirx", "topi", "tvm"]
+import torch
+
+if TYPE_CHECKING:  # imported on first use, see `__getattr__`
+    import tvm
+    from tvm import relax, runtime, s_tir, te, tirx, topi
+    from tvm.s_tir import dlight
+
+__all__ = [
+    "compile_module",
+    "device_for",
+    "device_kind_of",
+    "dlight",
+    "export_library",
+    "from_torch",
+    "gpu_default_schedule",
+    "import_exported_program",
+    "load_library",
+    "make_target",
+    "relax",
+    "run_passes",
+    "runtime",
+    "runtime_only",
+    "s_tir",
+    "source_of",
+    "te",
+    "tirx",
+    "to_torch",
+    "topi",
+    "tvm",
+    "virtual_machine",
+]
+
+_LAZY = {
+    "tvm": "tvm",
+    "runtime": "tvm.runtime",
+    "relax": "tvm.relax",
+    "s_tir": "tvm.s_tir",
+    "te": "tvm.te",
+    "tirx": "tvm.tirx",
+    "topi": "tvm.topi",
+    "dlight": "tvm.s_tir.dlight",
+}
+
+CUDA_DEFAULT = {"kind": "cuda", "arch": "sm_90"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _tvm():
+    return __getattr__("tvm")
+
+
+def runtime_only() -> bool:
+    """True when only `libtvm_runtime` is loaded: nothing can be compiled, only run."""
+    return bool(_tvm().base._RUNTIME_ONLY)
+
+
+# --- targets -------------------------------------------------------------------------------
+
+
+def make_target(target) -> tvm.target.Target:
+    """A TVM target from "llvm", "cuda", a target dict or a `Target`.
+
+    "llvm" means this machine's CPU: TVM 0.27 leaves `mcpu` empty (generic x86-64) unless told,
+    so the host CPU LLVM detects is filled in. "cuda" means `CUDA_DEFAULT` (sm_90); building
+    for it needs `nvcc`, not a GPU.
+    """
+    tvm = _tvm()
+    if isinstance(target, tvm.target.Target):
+        return target
+    if target == "llvm":
+        target = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    elif target == "cuda":
+        target = dict(CUDA_DEFAULT)
+    return tvm.target.Target(target)
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    """True for targets whose kernels need thread bindings (cuda, rocm, metal, ...)."""
+    return "gpu" in target.keys
+
+
+def device_for(kind: str, index: int = 0):
+    """The TVM device for a target kind name ("llvm" -> cpu, "cuda" -> cuda)."""
+    tvm = _tvm()
+    return tvm.cpu(index) if kind in ("llvm", "c", "cpu") else tvm.device(kind, index)
+
+
+# --- import, passes, compile ---------------------------------------------------------------
+
+
+def import_exported_program(exported, custom_convert_map: dict | None = None):
+    """Relax IRModule of a `torch.export.ExportedProgram`; weights become bound constants."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    return from_exported_program(
+        exported, keep_params_as_input=False, custom_convert_map=custom_convert_map or None
+    )
+
+
+def supported_aten_ops() -> set[str]:
+    """ATen op names ("conv2d.default") the torch frontend converts."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return set(ExportedProgramImporter().create_convert_map())
+
+
+def legalize_and_fuse_passes() -> list:
+    """fxopt's lowering sequence before scheduling: library dispatch (sort/scan/sampling),
+    legalization to TIR, and operator fusion."""
+    relax = __getattr__("relax")
+    return [
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def gpu_default_schedule():
+    """dlight's default GPU rules; they schedule only functions not scheduled yet."""
+    dl = __getattr__("dlight")
+    return dl.ApplyDefaultSchedule(
+        dl.gpu.Matmul(),
+        dl.gpu.GEMV(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
+        dl.gpu.Fallback(),
+    )
+
+
+def run_passes(mod, passes: list, target: tvm.target.Target):
+    """Run a pass sequence on `mod` with `target` as the current target."""
+    with target:
+        return _tvm().transform.Sequential(passes)(mod)
+
+
+def compile_module(mod, target: tvm.target.Target):
+    """Compile a legalized, fused and scheduled Relax module to a VM executable.
+
+    `tvm.compile`'s "default" pipeline would, for GPU targets, legalize, fuse and apply dlight
+    again; fxopt already did that, so it asks for the generic build pipeline (dispatch and
+    LegalizeOps find nothing left to do, then memory planning and VM lowering).
+    """
+    relax = __getattr__("relax")
+    return _tvm().compile(mod, target, relax_pipeline=relax.get_pipeline("default"))
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+def virtual_machine(module, device):
+    """A Relax VM over an executable or a loaded library, on a TVM device."""
+    from tvm.runtime.vm import VirtualMachine
+
+    return VirtualMachine(module, device)
+
+
+def from_torch(tensor: torch.Tensor):
+    """A TVM tensor sharing `tensor`'s memory (DLPack, no copy; `tensor` must be contiguous)."""
+    return __getattr__("runtime").from_dlpack(tensor)
+
+
+def to_torch(value):
+    """Torch tensors sharing the memory of a VM result (a tensor or nested arrays of them)."""
+    if hasattr(value, "__dlpack__"):
+        return torch.from_dlpack(value)
+    if isinstance(value, str):
+        return value
+    return tuple(to_torch(item) for item in value)
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+def export_library(executable, path: str) -> None:
+    """Write an executable, its kernels and its bound weights into one shared library."""
+    executable.export_library(str(path))
+
+
+def load_library(path: str):
+    """Load a library written by `export_library`; needs only the TVM runtime."""
+    return __getattr__("runtime").load_module(str(path))
+
+
+def device_kind_of(module) -> str:
+    """ "cuda" (or another device kind) when `module` imports device code, else "llvm"."""
+    pending = list(module.imports)
+    while pending:
+        item = pending.pop(0)
+        if item.kind not in ("llvm", "c", "library", "static_library", "vm_executable"):
+            return item.kind
+        pending.extend(item.imports)
+    return "llvm"
+
+
+def source_of(executable) -> str:
+    """The generated source of every imported (device and host) module, as text."""
+    modules, pending = [], list(executable.mod.imports)
+    while pending:
+        module = pending.pop(0)
+        modules.append(module)
+        pending.extend(module.imports)
+    modules.sort(key=lambda m: m.kind in ("llvm", "c"))  # device code first, host code last
+    parts = []
+    for module in modules:
+        try:
+            text = module.inspect_source("")
+        except Exception:  # some module kinds keep no source
+            continue
+        if text:
+            parts.append(f"// module kind: {module.kind}\n{text}")
+    return "\n".join(parts)

@@ -6,6 +6,7 @@ print(opt.report)
 
 from . import errors, models, testing, wildcards
 from .api import OptimizedModule, optimize
+from .calibrate import calibrate
 from .errors import FxoptError
 from .pattern import Pattern, pattern  # fxopt.pattern: the function, not the module
 from .pipeline import DEFAULT_PIPELINE
@@ -16,17 +17,24 @@ from .rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 __version__ = "0.1.0"
 
 
-def compile(model, example_inputs, target="llvm"):  # noqa: A001  (the public name in DESIGN.md)
-    """Build the model with TVM. Not built yet: the TVM codegen lands in a later release."""
-    raise errors.UnsupportedError(
-        "fxopt.compile (the TVM build) is not built yet; use fxopt.optimize(..., "
-        "backend='eager' or 'inductor') meanwhile"
-    )
+def compile(model, example_inputs, target="llvm", dynamic_batch=True):  # noqa: A001  (DESIGN.md)
+    """Optimize `model` (default pipeline, verified) and build it with TVM for `target`.
+
+    Returns an `fxopt.codegen.artifact.Artifact`: `.module` runs it, `.export("model.so")`
+    writes one shared library (kernels, weights and call metadata inside), `.source()` is the
+    generated code, `.target` the TVM target. Building for "cuda" needs nvcc, not a GPU. An
+    llvm build is checked against the optimized graph (which was checked against the model).
+    """
+    from .codegen.artifact import compile_model
+
+    return compile_model(model, example_inputs, target, dynamic_batch)
 
 
 def load(path):
-    """Load an exported TVM artifact. Not built yet, like `compile`."""
-    raise errors.UnsupportedError("fxopt.load is not built yet: there is no TVM export to load")
+    """Load a library written by `Artifact.export` as an nn.Module; needs only the TVM runtime."""
+    from .codegen.artifact import load as load_artifact
+
+    return load_artifact(path)
 
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "Pattern",
     "Report",
     "Rule",
+    "calibrate",
     "compile",
     "decline",
     "errors",

@@ -15,12 +15,12 @@ from torch.utils import _pytree as pytree
 
 from . import cost
 from .capture import batch_size, capture
-from .errors import CaptureError, InputError, UnsupportedError
+from .errors import CaptureError, InputError, VerificationError
 from .finalize import InputSpec, finalize, input_spec
 from .graph import snapshot
-from .pipeline import resolve, run_passes
+from .pipeline import final_error, resolve, run_passes
 from .report import Report
-from .verify import check, input_sets
+from .verify import input_sets
 
 BACKENDS = ("eager", "inductor", "tvm")
 
@@ -68,7 +68,14 @@ def optimize(
     passes : list of str, optional
         Pass names to run instead of the default pipeline.
     approximate : bool
-        Allow passes that are not output-equivalent.
+        Allow passes that are not output-equivalent (``lowrank_linear``, ``lowrank_conv``,
+        ``decompose_large_kernel``, ``linearize_attention``). They run only when named in
+        `passes`; with ``passes=None`` the exact default pipeline runs, and naming one without
+        ``approximate=True`` raises InputError. An approximate pass is not held to the exact
+        tolerance: the report records its error on the example and random inputs and its own
+        summary, and rolls it back only when its relative L2 error exceeds
+        ``fxopt.pipeline.APPROXIMATE_MAX_ERROR`` or an output is not finite. Fit the result
+        to the model with `fxopt.calibrate`.
     verify : bool
         Check every pass against the graph before it and roll back a pass that fails.
     dynamic_batch : bool
@@ -93,6 +100,8 @@ def optimize(
         from .dynamo import optimize_with_dynamo
 
         report.notes.append(f"whole-model capture failed, using the Dynamo fallback: {error}")
+        if backend == "tvm":
+            report.notes.append("tvm: not used; the Dynamo fallback runs its graphs in PyTorch")
         return optimize_with_dynamo(work, inputs, names, verify, report, start)
     gm = captured.graph_module
     report.dynamic_batch = captured.dynamic_batch
@@ -102,9 +111,12 @@ def optimize(
     fast = finalize(snapshot(gm))  # `gm` stays the readable ATen graph; `fast` is what runs
     if verify:
         t = time.perf_counter()
-        report.final_error = check(work, fast, [inputs])
+        report.final_error = final_error(work, fast, [inputs], report)
         report.seconds["final check"] = time.perf_counter() - t
-    runner = _backend_runner(fast, backend)
+    runner = _backend_runner(fast, backend, gm, inputs, target, captured.dynamic_batch, report)
+    if verify and backend == "tvm" and runner is not fast:
+        sets = input_sets(inputs, n_random=0, other_batch=other_batch(inputs, captured))
+        runner = _verified_tvm_runner(work, fast, runner, sets, report)
     report.seconds["total"] = time.perf_counter() - start
     return OptimizedModule(gm, report, runner, input_spec(fast))
 
@@ -143,13 +155,8 @@ def _check_arguments(model, example_inputs, backend: str, target) -> tuple:
         raise InputError(f"optimize expects an nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "tvm":
-        raise UnsupportedError(
-            "backend='tvm' is not built yet (the TVM codegen lands in a later release); "
-            "use backend='eager' or 'inductor'"
-        )
-    if target is not None:
-        raise InputError("target= applies to backend='tvm' only")
+    if target is not None and backend != "tvm":
+        raise InputError(f"target= applies to backend='tvm' only, not backend={backend!r}")
     inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
     inputs = tuple(inputs)
     _check_signature(model, inputs)
@@ -207,7 +214,58 @@ def _check_weights(model: nn.Module) -> None:
             )
 
 
-def _backend_runner(gm: fx.GraphModule, backend: str):
+def _backend_runner(fast: fx.GraphModule, backend: str, gm, inputs, target, dynamic, report):
     if backend == "inductor":
-        return torch.compile(gm, backend="inductor")
-    return gm
+        return torch.compile(fast, backend="inductor")
+    if backend == "tvm":
+        runner = _tvm_runner(gm, inputs, target, dynamic, report)
+        return fast if runner is None else runner
+    return fast
+
+
+def _tvm_runner(gm: fx.GraphModule, inputs: tuple, target, dynamic: bool, report: Report):
+    """Lower the optimized ATen graph with TVM (ops TVM lacks stay in PyTorch), noting the
+    build in the report."""
+    from .codegen.partition import lower_for_optimize
+
+    target = target if target is not None else _default_target(inputs)
+    t = time.perf_counter()
+    try:
+        lowered = lower_for_optimize(gm, inputs, target, dynamic)
+    except Exception as error:  # TVM gaps vary widely; the fx graph always runs
+        _tvm_fallback(report, f"the TVM build failed ({type(error).__name__}: {error})")
+        return None
+    report.seconds["tvm build"] = time.perf_counter() - t
+    fallback = ", ".join(f"{op} x{n}" for op, n in sorted(lowered.fallback_ops.items()))
+    report.notes.append(
+        f"tvm: built for {lowered.target} in {report.seconds['tvm build']:.1f} s; "
+        + (f"kept in PyTorch: {fallback}" if fallback else "every op runs in TVM")
+    )
+    report.notes += [f"tvm: {note}" for note in lowered.notes]
+    return lowered.module
+
+
+def _verified_tvm_runner(model: nn.Module, fast: fx.GraphModule, runner, sets: list, report):
+    """Check the TVM build end to end against the eval-mode model (stricter than against the
+    final fx graph, DESIGN.md 5: the pass and TVM rounding errors add up), at the example batch
+    and another when the batch is symbolic. If it fails, run the fx graph instead and say so:
+    optimize never returns a module that failed verification."""
+    t = time.perf_counter()
+    try:
+        report.final_error = final_error(model, runner, sets, report)
+    except (VerificationError, InputError) as error:
+        _tvm_fallback(report, f"the TVM build failed verification ({error})")
+        runner = fast
+    report.seconds["tvm check"] = time.perf_counter() - t
+    return runner
+
+
+def _tvm_fallback(report: Report, why: str) -> None:
+    report.notes.append(f"tvm: {why}; the optimized graph runs in PyTorch instead")
+    warnings.warn(f"fxopt: {why}; running the optimized graph in PyTorch", stacklevel=4)
+
+
+def _default_target(inputs: tuple) -> str:
+    """Where the inputs live: "cuda" for CUDA tensors, else "llvm" (this CPU)."""
+    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    return "cuda" if any(t.is_cuda for t in tensors) else "llvm"

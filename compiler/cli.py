@@ -77,7 +77,7 @@ def _add_optimize(commands) -> None:
         choices=BACKENDS,
         default="eager",
         help="run the rewritten graph as is (eager), through torch.compile "
-        "(inductor), or through TVM (tvm, not built yet); default: eager",
+        "(inductor), or through TVM (tvm, built for the CPU); default: eager",
     )
     opt.add_argument(
         "--batch",

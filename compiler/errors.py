@@ -23,3 +23,7 @@ class RewriteError(FxoptError):
 
 class UnsupportedError(FxoptError, NotImplementedError):
     """The request names something fxopt does not do (yet)."""
+
+
+class BuildError(FxoptError):
+    """TVM could not import, legalize or compile the graph."""

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import InputError, UnsupportedError
+from fxopt.errors import InputError
 
 
 def conv_bn_net() -> nn.Module:
@@ -153,9 +153,19 @@ def test_meta_device_model_raises_input_error():
         fxopt.optimize(model, torch.randn(1, 3))
 
 
-def test_tvm_backend_is_not_built_yet():
-    with pytest.raises(UnsupportedError, match="not built yet"):
-        fxopt.optimize(conv_bn_net(), torch.randn(1, 3, 8, 8), backend="tvm")
+@pytest.mark.tvm
+def test_tvm_backend_runs_the_graph_in_tvm_and_matches_eager():
+    model, x = conv_bn_net(), torch.randn(1, 3, 8, 8)
+    before = snapshot(model)
+    opt = fxopt.optimize(model, x, backend="tvm")
+    assert type(opt._runner).__name__ == "TVMModule"
+    assert opt.report.final_error is not None
+    assert any(note.startswith("tvm: built for llvm") for note in opt.report.notes)
+    fxopt.testing.assert_equivalent(model, opt, x, n_random=1)
+    fxopt.testing.assert_equivalent(model, opt, torch.randn(3, 3, 8, 8))
+    assert_unchanged(model, before)
+    with pytest.raises(InputError, match="target= applies to backend='tvm' only"):
+        fxopt.optimize(model, x, target="llvm")
 
 
 def test_unknown_backend_and_unknown_pass_raise_input_error():

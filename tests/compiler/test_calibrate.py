@@ -100,10 +100,6 @@ def test_calibrate_expects_an_optimized_module(net):
         fxopt.calibrate(net, net, batches(1)[0])
 
 
-@pytest.mark.skipif(
-    not hasattr(fxopt.api, "final_error"),
-    reason="optimize's final check is exact until compiler/api.py calls pipeline.final_error",
-)
 def test_optimize_reports_approximate_errors_instead_of_failing(net):
     (x,) = batches(1)
     old = la.configure(feature_map="elu")
