@@ -190,12 +190,14 @@ def op_name(node: fx.Node) -> str | None:
 
 
 def lower(mod, target):
-    """fxopt's Relax pipeline: legalize and fuse, fxopt's schedules, then dlight on GPU."""
-    from . import schedules
+    """fxopt's Relax pipeline: legalize and fuse, fxopt's schedules (fused blocks, then
+    convolutions and matmuls), then dlight on GPU for the rest."""
+    from . import blocks, schedules
 
     try:
         mod = tv.run_passes(mod, tv.legalize_and_fuse_passes(), target)
         with target:
+            mod = blocks.schedule(mod, target)  # fused blocks first; they are marked scheduled
             mod = schedules.apply(mod, target)
         if tv.is_gpu(target):
             mod = tv.run_passes(mod, [tv.gpu_default_schedule()], target)

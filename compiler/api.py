@@ -66,7 +66,9 @@ def optimize(
     target : str or dict, optional
         TVM target; only for ``backend="tvm"``.
     passes : list of str, optional
-        Pass names to run instead of the default pipeline.
+        Pass names to run instead of the default pipeline. With ``backend="tvm"`` and
+        ``passes=None``, ``fuse_blocks`` runs last, so that depthwise -> pointwise blocks
+        become one generated kernel; name it yourself when you pass a list.
     approximate : bool
         Allow passes that are not output-equivalent (``lowrank_linear``, ``lowrank_conv``,
         ``decompose_large_kernel``, ``linearize_attention``). They run only when named in
@@ -90,6 +92,8 @@ def optimize(
     inputs = _check_arguments(model, example_inputs, backend, target)
     report = Report(model=type(model).__name__, backend=backend)
     names = resolve(passes, approximate)
+    if backend == "tvm" and passes is None:
+        names.append("fuse_blocks")  # dw -> pw pairs and inverted residuals: one TVM kernel each
     work = _eval_copy(model, report)
     _check_weights(work)
     try:

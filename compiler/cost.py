@@ -15,6 +15,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from . import blocks
 from .graph import constants, is_op
 
 aten = torch.ops.aten
@@ -57,9 +58,11 @@ class Stats:
 
 
 def op_name(node: fx.Node) -> str:
+    """The op's name: "conv2d" for ATen ops, "namespace::name" for others ("fxopt::dw_pw_block")."""
     packet = getattr(node.target, "overloadpacket", None)
     if packet is not None:
-        return packet.__name__
+        namespace = getattr(node.target, "namespace", "aten")
+        return packet.__name__ if namespace == "aten" else f"{namespace}::{packet.__name__}"
     return getattr(node.target, "__name__", str(node.target))
 
 
@@ -117,6 +120,8 @@ def node_flops(node: fx.Node, values: dict) -> int:
         q, k, v = args[:3]
         pairs = math.prod(q.shape[:-1]) * k.shape[-2]
         return 2 * pairs * (q.shape[-1] + v.shape[-1])
+    if node.target in blocks.BLOCK_OPS:  # fused by `fuse_blocks`: count the convs inside
+        return blocks.block_flops(node.target is blocks.PW_DW_PW_BLOCK, args, out)
     if is_op(node, aten.batch_norm, aten._native_batch_norm_legit_no_training):
         return 2 * out.numel()
     if is_op(node, aten.layer_norm, aten.group_norm, aten.softmax, aten._softmax):

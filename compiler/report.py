@@ -85,21 +85,20 @@ def _render(r: Report) -> list[str]:
     lines = [f"fxopt report: {r.model}  (backend {r.backend}, {r.capture}, {batch})"]
     lines += [f"  note: {n}" for n in r.notes]
     lines += [f"  graph break: {b}" for b in r.graph_breaks]
-    header = (
-        f"  {'pass':<22} {'status':<12} {'time':>8} {'max err':>9} {'declined':>8}  rules fired"
-    )
+    w = max([22, *(len(p.name) for p in r.passes)])
+    columns = f"{'status':<12} {'time':>8} {'max err':>9} {'declined':>8}  rules fired"
+    header = f"  {'pass':<{w}} {columns}"
     lines += ["", header]
     for p in r.passes:
         fired = ", ".join(f"{k} x{v}" for k, v in p.applied.items()) or "-"
         err = "-" if p.max_error is None else f"{p.max_error:.1e}"
         misses = sum(len(m) for m in p.declined.values()) or "-"
-        lines.append(
-            f"  {p.name:<22} {p.status:<12} {p.seconds * 1e3:>6.1f}ms {err:>9} {misses:>8}  {fired}"
-        )
+        time_ms = f"{p.seconds * 1e3:>6.1f}ms"
+        lines.append(f"  {p.name:<{w}} {p.status:<12} {time_ms} {err:>9} {misses:>8}  {fired}")
         if p.message:
-            lines.append(f"  {'':<22} {p.message}")
+            lines.append(f"  {'':<{w}} {p.message}")
         if not p.exact and (p.error or p.summary):
-            lines.append(f"  {'':<22} approximate: {_describe_approximation(p)}")
+            lines.append(f"  {'':<{w}} approximate: {_describe_approximation(p)}")
     if r.before and r.after:
         lines += ["", *_render_stats(r.before, r.after)]
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in r.seconds.items())
@@ -140,7 +139,8 @@ def _render_stats(before: Stats, after: Stats) -> list[str]:
     for op in sorted(set(before.op_counts) | set(after.op_counts)):
         b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
         mark = "" if a == b else "  *"
-        lines.append(f"  {'aten.' + op:<36} {b:>12} {a:>12}{mark}")
+        label = op.replace("::", ".") if "::" in op else f"aten.{op}"  # fxopt::dw_pw_block
+        lines.append(f"  {label:<36} {b:>12} {a:>12}{mark}")
     return lines
 
 

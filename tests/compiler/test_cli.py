@@ -101,10 +101,11 @@ def test_unknown_pass_exits_2(capsys):
     assert "unknown pass 'fold_everything'" in capsys.readouterr().err
 
 
-def test_tvm_backend_is_not_built_yet(capsys):
-    name = fxopt.models.list()[0]
-    assert main(["optimize", name, "--backend", "tvm"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+@pytest.mark.tvm
+def test_optimize_with_the_tvm_backend_reports_the_build(capsys):
+    assert main(["optimize", "espcn", "--backend", "tvm"]) == 0
+    out = capsys.readouterr().out
+    assert "tvm: built for" in out and "every op runs in TVM" in out
 
 
 def test_a_command_is_required():
