@@ -10,8 +10,6 @@ from fxopt.codegen.runtime import TVMModule
 
 pytestmark = pytest.mark.tvm
 
-QUICK = ["espcn", "resnet18_like", "vit_bn_like"]  # a conv net, a residual net, attention
-SLOW = [name for name in fxopt.models.list() if name not in QUICK]
 
 
 def lowers_and_matches_eager(name: str, target: str | dict) -> None:
@@ -29,14 +27,8 @@ def lowers_and_matches_eager(name: str, target: str | dict) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("name", QUICK)
-def test_zoo_model_lowers_to_llvm_and_matches_eager(name, fast_llvm):
-    lowers_and_matches_eager(name, fast_llvm)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", SLOW)
-def test_every_other_zoo_model_lowers_to_llvm_and_matches_eager(name):
+@pytest.mark.parametrize("name", fxopt.models.list())
+def test_zoo_model_lowers_to_llvm_and_matches_eager(name):
     # the shipped target (opt-level 3); at opt-level 0 repvgg_a0_like's rounding error at
     # batch 3 is 1.5e-5, above the fp32 bound of 1.1e-5 (6.6e-6 at opt-level 3)
     lowers_and_matches_eager(name, "llvm")
