@@ -85,16 +85,18 @@ def _first_line(error: BaseException) -> str:
 
 
 def compile_model(model, example_inputs, target="llvm", dynamic_batch: bool = True) -> Artifact:
-    """`fxopt.compile`: optimize (default pipeline, verified), build with TVM, and check the
-    build against the optimized graph when the target's device is here."""
+    """`fxopt.compile`: optimize (default pipeline and `fuse_blocks`, verified), build with TVM,
+    and check the build against the optimized graph when the target's device is here."""
     from .. import optimize
+    from ..pipeline import DEFAULT_PIPELINE
     from ..verify import check, input_sets
     from .lower import build
 
     inputs = (
         tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
     )
-    optimized = optimize(model, inputs, backend="eager", dynamic_batch=dynamic_batch)
+    passes = [*DEFAULT_PIPELINE, "fuse_blocks"]  # as optimize(backend="tvm") runs them
+    optimized = optimize(model, inputs, passes=passes, dynamic_batch=dynamic_batch)
     report = optimized.report
     if report.capture != "torch.export":
         raise UnsupportedError(

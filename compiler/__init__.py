@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 
 def compile(model, example_inputs, target="llvm", dynamic_batch=True):  # noqa: A001  (DESIGN.md)
-    """Optimize `model` (default pipeline, verified) and build it with TVM for `target`.
+    """Optimize `model` (default pipeline + fuse_blocks, verified) and build it with TVM.
 
     Returns an `fxopt.codegen.artifact.Artifact`: `.module` runs it, `.export("model.so")`
     writes one shared library (kernels, weights and call metadata inside), `.source()` is the

@@ -10,7 +10,7 @@ pytest.importorskip("tvm")
 
 import fxopt  # noqa: E402
 from fxopt.blocks import ON_CHIP_BYTES  # noqa: E402
-from fxopt.codegen import blocks, lower, schedule_blocks, schedules  # noqa: E402
+from fxopt.codegen import blocks, lower, schedule_blocks  # noqa: E402
 from fxopt.codegen import tvm_api as tv  # noqa: E402
 from fxopt.passes.fold_conv_bn import fold_conv_bn  # noqa: E402
 from fxopt.passes.fuse_blocks import fuse_blocks  # noqa: E402
@@ -53,20 +53,13 @@ def fused_graph(model, x):
 
 
 def lowered(gm, x, target):
-    """`fxopt.codegen.lower` up to the build, with the fused-block schedules run before the
-    conv schedules where `lower.lower` does not run them yet; (scheduled module, executable)."""
+    """`fxopt.codegen.lower` up to the build: (scheduled module, executable)."""
     exported, _, _ = lower.export(gm, (x,), dynamic_batch=True)
     target = tv.make_target(target)
-    mod = lower.import_program(exported)
-    scheduled = lower.lower(mod, target)
-    if not all(
+    scheduled = lower.lower(lower.import_program(exported), target)
+    assert all(
         schedule_blocks.SCHEDULED_ATTR in f.attrs for f in block_functions(scheduled).values()
-    ):
-        scheduled = tv.run_passes(mod, tv.legalize_and_fuse_passes(), target)
-        with target:
-            scheduled = schedules.apply(blocks.schedule(scheduled, target), target)
-        if tv.is_gpu(target):
-            scheduled = tv.run_passes(scheduled, [tv.gpu_default_schedule()], target)
+    )
     return scheduled, tv.compile_module(scheduled, target)
 
 
@@ -211,3 +204,21 @@ def test_block_kernel_count_counts_distinct_kernels():
         'extern "C" __global__ void b_kernel(float* x) {}\n'
     )
     assert blocks.block_kernel_count(source) == 2
+
+
+def test_a_zoo_model_built_for_cuda_has_one_kernel_per_fused_block():
+    """MobileNetV2's seven inverted residuals and its dw -> pw stem each run as one kernel;
+    the two convs left (stem and head) and the classifier get their own."""
+    name = "mobilenetv2_like"
+    artifact = fxopt.compile(
+        fxopt.models.create(name), fxopt.models.example_inputs(name), target="cuda"
+    )
+    fused = {op: n for op, n in artifact.report.after.op_counts.items() if op.startswith("fxopt")}
+    assert fused == {"fxopt::dw_pw_block": 1, "fxopt::pw_dw_pw_block": 7}
+    kernels = set(
+        re.findall(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)", artifact.source())
+    )
+    block_kernels = {k for k in kernels if k.startswith("fxopt_")}
+    conv_kernels = {k for k in kernels - block_kernels if "conv2d" in k}
+    assert len(block_kernels) == sum(fused.values())
+    assert len(conv_kernels) == artifact.report.after.op_counts["conv2d"] == 2
