@@ -1,4 +1,5 @@
-"""Optimize a train-form zoo model, print what fxopt did, and time it against eager PyTorch."""
+"""Optimize a train-form zoo model, print what fxopt did, lower it through TVM, and time both
+against eager PyTorch."""
 
 import torch
 
@@ -10,6 +11,12 @@ model = fxopt.models.create("resnet18_like")  # conv + batch norm everywhere, ev
 
 optimized = fxopt.optimize(model, x)  # capture, fold, verify every pass against the graph before it
 print(optimized.report)
-
 torch.testing.assert_close(optimized(x), model(x), rtol=1e-4, atol=1e-5)
-print(format_rows(bench(["resnet18_like"], ["eager", "optimized"], progress=False)))
+
+generated = fxopt.optimize(model, x, backend="tvm")  # the same rewrites, then TVM code for this CPU
+print("\n".join(note for note in generated.report.notes if note.startswith("tvm")))
+torch.testing.assert_close(generated(x), model(x), rtol=1e-4, atol=1e-5)
+
+print()
+rows = bench(["resnet18_like"], ["eager", "optimized", "tvm"], threads=1, progress=False)
+print(format_rows(rows))

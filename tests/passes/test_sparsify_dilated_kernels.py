@@ -263,3 +263,10 @@ def test_sparsify_dilated_kernels_leaves_transposed_convs_alone():
     with torch.no_grad():
         model.weight.copy_(dilate(torch.randn(4, 4, 3, 3), (2, 2)))
     assert unchanged(model, torch.randn(1, 4, 9, 9))[0]
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(sparse_convs())
+def test_sparsify_dilated_kernels_keeps_random_sparse_convs_equivalent_at_length(case):
+    test_sparsify_dilated_kernels_keeps_random_sparse_convs_equivalent.hypothesis.inner_test(case)

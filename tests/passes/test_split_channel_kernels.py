@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -246,3 +246,10 @@ def test_split_channel_kernels_property_random_supports_match_eager(case):
         assert sum(math.prod(shape) for shape in shapes) < conv.weight.numel()
         assert not merge_channel_branches(gm).modified
     assert not split_channel_kernels(gm).modified
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(depthwise_cases())
+def test_split_channel_kernels_property_random_supports_match_eager_at_length(case):
+    test_split_channel_kernels_property_random_supports_match_eager.hypothesis.inner_test(case)

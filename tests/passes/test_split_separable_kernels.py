@@ -299,3 +299,10 @@ def test_split_separable_kernels_keeps_a_reflect_pad_in_front_of_the_split():
     first, second = convs(result.graph_module)
     assert list(first.args[4]) == [0, 0] and list(second.args[4]) == [0, 0]
     assert count_ops(result.graph_module, aten.pad, aten.reflection_pad2d) == 1
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(separable_convs())
+def test_split_separable_kernels_keeps_random_low_rank_convs_equivalent_at_length(case):
+    test_split_separable_kernels_keeps_random_low_rank_convs_equivalent.hypothesis.inner_test(case)

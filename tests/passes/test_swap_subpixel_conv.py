@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -233,3 +233,17 @@ def test_swap_subpixel_conv_property_random_upsamplers_match_eager(case):
     ops = count_ops(result.graph_module, aten.conv_transpose2d, aten.pixel_shuffle)
     assert ops == 1 and sum(result.applied.values()) == int(result.modified)
     assert not swap_subpixel_conv(result.graph_module).modified
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(transposed_cases(), st.integers(0, 2**16))
+def test_subpixel_weight_reproduces_the_transposed_conv_at_length(case, seed):
+    test_subpixel_weight_reproduces_the_transposed_conv.hypothesis.inner_test(case, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(upsampler_cases())
+def test_swap_subpixel_conv_property_random_upsamplers_match_eager_at_length(case):
+    test_swap_subpixel_conv_property_random_upsamplers_match_eager.hypothesis.inner_test(case)
