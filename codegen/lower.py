@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,25 @@ from ..errors import BuildError, UnsupportedError
 from . import tvm_api as tv
 
 METADATA_FUNCTION = "fxopt_metadata"
+
+# The tuning database `build` uses when it is given none (see `tuning_database`).
+_TUNING_DATABASE: list = [None]
+
+
+@contextmanager
+def tuning_database(path):
+    """Within the block, builds (`build`, hence `fxopt.compile` and `optimize(backend="tvm")`)
+    use the MetaSchedule database in directory `path` (see `fxopt.codegen.tune`); None: none."""
+    if path is not None:
+        from .tune import check_database
+
+        path = check_database(path)
+    previous = _TUNING_DATABASE[0]
+    _TUNING_DATABASE[0] = path
+    try:
+        yield path
+    finally:
+        _TUNING_DATABASE[0] = previous
 
 
 @dataclass
@@ -38,7 +58,9 @@ class Built:
     notes: list[str] = field(default_factory=list)
 
 
-def build(gm: fx.GraphModule, example_inputs, target="llvm", dynamic_batch: bool = True) -> Built:
+def build(
+    gm: fx.GraphModule, example_inputs, target="llvm", dynamic_batch: bool = True, database=None
+) -> Built:
     """Compile `gm` (called as ``gm(*example_inputs)``) with TVM for `target`.
 
     Parameters
@@ -51,6 +73,11 @@ def build(gm: fx.GraphModule, example_inputs, target="llvm", dynamic_batch: bool
         "llvm" (this CPU), "cuda" (sm_90 by default; needs nvcc, not a GPU) or a TVM target dict.
     dynamic_batch : bool
         Keep the leading batch dimension symbolic when the graph allows it.
+    database : str or Path, optional
+        A directory written by `fxopt.codegen.tune.tune`: functions it holds tuned schedules for
+        (same shapes and target) use them, fxopt's schedules cover the rest. Default: the one
+        set by `tuning_database`, if any. Tuned shapes are static: with a symbolic batch
+        nothing matches.
 
     Returns
     -------
@@ -62,11 +89,17 @@ def build(gm: fx.GraphModule, example_inputs, target="llvm", dynamic_batch: bool
         tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
     )
     tvm_target = tv.make_target(target)
+    if database is None:
+        database = _TUNING_DATABASE[0]
+    else:
+        from .tune import check_database
+
+        database = check_database(database)
     exported, dynamic, notes = export(gm, inputs, dynamic_batch)
     mod = import_program(exported)
     metadata = _metadata(exported, tvm_target, dynamic)
     mod = _attach_metadata(mod, metadata)
-    mod = lower(mod, tvm_target)
+    mod = lower(mod, tvm_target, database, notes)
     try:
         executable = tv.compile_module(mod, tvm_target)
     except Exception as error:
@@ -189,13 +222,22 @@ def op_name(node: fx.Node) -> str | None:
     return node.target.__name__
 
 
-def lower(mod, target):
-    """fxopt's Relax pipeline: legalize and fuse, fxopt's schedules (fused blocks, then
-    convolutions and matmuls), then dlight on GPU for the rest."""
+def lower(mod, target, database=None, notes: list | None = None):
+    """fxopt's Relax pipeline: legalize and fuse, the tuned schedules of `database` (a
+    directory written by `fxopt.codegen.tune`, optional), fxopt's schedules (fused blocks, then
+    convolutions and matmuls), then dlight on GPU for the rest. A note on what the database
+    matched is appended to `notes`."""
     from . import blocks, schedules
 
     try:
         mod = tv.run_passes(mod, tv.legalize_and_fuse_passes(), target)
+        if database is not None:
+            from .tune import apply_database
+
+            mod, tuned = apply_database(mod, target, database)
+            if notes is not None:
+                which = f" ({', '.join(tuned)})" if tuned else ""
+                notes.append(f"tuning database {database}: {len(tuned)} tuned functions{which}")
         with target:
             mod = blocks.schedule(mod, target)  # fused blocks first; they are marked scheduled
             mod = schedules.apply(mod, target)

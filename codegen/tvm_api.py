@@ -16,6 +16,7 @@ needs only `tvm.runtime`.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -119,9 +120,13 @@ def import_exported_program(exported, custom_convert_map: dict | None = None):
     """Relax IRModule of a `torch.export.ExportedProgram`; weights become bound constants."""
     from tvm.relax.frontend.torch import from_exported_program
 
-    return from_exported_program(
-        exported, keep_params_as_input=False, custom_convert_map=custom_convert_map or None
-    )
+    with warnings.catch_warnings():
+        # torch's run_decompositions deep-copies its module call graph, whose tree specs warn
+        # about their own deprecated LeafSpec check: torch's internals, nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return from_exported_program(
+            exported, keep_params_as_input=False, custom_convert_map=custom_convert_map or None
+        )
 
 
 def supported_aten_ops() -> set[str]:
@@ -240,3 +245,81 @@ def source_of(executable) -> str:
         if text:
             parts.append(f"// module kind: {module.kind}\n{text}")
     return "\n".join(parts)
+
+
+# --- MetaSchedule tuning databases -----------------------------------------------------------
+#
+# TVM 0.27's JSON serializer (`tvm.ir.save_json`, which MetaSchedule's JSONDatabase uses) crashes on
+# any TIR object, so fxopt keeps its own JSON file: per tuned function its structural hash, its
+# TVMScript, the target and the schedule trace (`Trace.as_json`, plain lists and strings).
+
+
+def meta_schedule():
+    """`tvm.s_tir.meta_schedule`, made usable without psutil: MetaSchedule asks for the CPU
+    count through a global function that needs psutil, so the count comes from `os` instead."""
+    ms = importlib.import_module("tvm.s_tir.meta_schedule")
+    cores = cpu_cores()
+    _tvm().register_global_func(
+        "s_tir.meta_schedule.cpu_count", lambda logical=True: cores, override=True
+    )
+    return ms
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
+def workload_of(func):
+    """A PrimFunc as MetaSchedule tunes it: alone in a module, named "main"."""
+    return _tvm().IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def workload_key(workload) -> str:
+    """The structural hash of a workload module, as a hex string (independent of weights, since
+    fxopt binds them as Relax constants outside the PrimFuncs)."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(workload) & (2**64 - 1):016x}"
+
+
+def target_key(target: tvm.target.Target) -> dict:
+    """What a tuned schedule is specific to: the target kind and its CPU or GPU architecture
+    (options such as opt-level or num-cores do not change which schedules are valid)."""
+    return {
+        "kind": target.kind.name,
+        **{key: str(target.attrs[key]) for key in ("mcpu", "arch") if key in target.attrs},
+    }
+
+
+def plain(value):
+    """A TVM container (trace JSON, target export) as plain Python lists, dicts and scalars."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "items"):
+        return {str(k): plain(v) for k, v in value.items()}
+    if hasattr(value, "value"):  # IntImm, FloatImm, StringImm
+        return value.value
+    try:
+        return [plain(item) for item in value]
+    except TypeError:
+        return str(value)
+
+
+def apply_trace(func, trace_json):
+    """`func` scheduled by replaying a MetaSchedule trace (`Trace.as_json` of a tuning record),
+    keeping its own global symbol and marked `tirx.is_scheduled`."""
+    s_tir = __getattr__("s_tir")
+    sch = s_tir.Schedule(workload_of(func))
+    s_tir.schedule.Trace.apply_json_to_schedule(trace_json, sch)
+    scheduled = sch.mod["main"]
+    symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
+    scheduled = (
+        scheduled.with_attr("global_symbol", symbol)
+        if symbol is not None
+        else scheduled.without_attr("global_symbol")
+    )
+    return scheduled.with_attr("tirx.is_scheduled", True)

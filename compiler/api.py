@@ -52,6 +52,7 @@ def optimize(
     approximate: bool = False,
     verify: bool = True,
     dynamic_batch: bool = True,
+    tuning_db=None,
 ) -> OptimizedModule:
     """Return a faster module that computes what `model` computes in eval mode.
 
@@ -82,6 +83,11 @@ def optimize(
         Check every pass against the graph before it and roll back a pass that fails.
     dynamic_batch : bool
         Keep the batch dimension symbolic where the model allows it.
+    tuning_db : str or Path, optional
+        Only for ``backend="tvm"``: a directory written by ``fxopt tune``; functions it holds
+        tuned schedules for (same shapes and target) use them, fxopt's schedules the rest.
+        Tuned shapes are static, so the batch is kept static (`dynamic_batch` is ignored). A
+        missing directory raises InputError.
 
     Returns
     -------
@@ -90,6 +96,15 @@ def optimize(
     """
     start = time.perf_counter()
     inputs = _check_arguments(model, example_inputs, backend, target)
+    if tuning_db is not None:
+        from .codegen.lower import tuning_database
+
+        if backend != "tvm":
+            raise InputError(f"tuning_db= applies to backend='tvm' only, not {backend!r}")
+        with tuning_database(tuning_db):
+            return optimize(
+                model, inputs, backend, target, passes, approximate, verify, dynamic_batch=False
+            )
     report = Report(model=type(model).__name__, backend=backend)
     names = resolve(passes, approximate)
     if backend == "tvm" and passes is None:

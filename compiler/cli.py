@@ -1,4 +1,4 @@
-"""The `fxopt` command line (also `python -m fxopt`): passes, models, optimize, bench."""
+"""The `fxopt` command line (also `python -m fxopt`): passes, models, optimize, bench, tune."""
 
 from __future__ import annotations
 
@@ -60,7 +60,53 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("models", help="list the model zoo").set_defaults(command=_models)
     _add_optimize(commands)
     _add_bench(commands)
+    _add_tune(commands)
     return parser
+
+
+def _add_tune(commands) -> None:
+    tuning = commands.add_parser(
+        "tune",
+        help="search faster TVM schedules for a model's kernels (MetaSchedule)",
+        description="Tune the TVM kernels of a model (optimized as fxopt.compile optimizes it)\n"
+        "at the example inputs' shapes with MetaSchedule, and store the best schedules in\n"
+        "--work-dir. fxopt.compile(..., tuning_db=DIR) and `fxopt optimize --backend tvm\n"
+        "--tuning-db DIR` use those faster than fxopt's own schedules.",
+        epilog=FILE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tuning.add_argument("target", metavar="TARGET", help="zoo model name or path to a .py file")
+    tuning.add_argument(
+        "--target",
+        dest="tvm_target",
+        choices=("llvm", "cuda"),
+        default="llvm",
+        help="llvm (this CPU) or cuda (needs a GPU here to measure); default llvm",
+    )
+    tuning.add_argument(
+        "--trials", type=int, default=64, help="measured candidates in total (default 64)"
+    )
+    tuning.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("fxopt_tuning"),
+        help="directory of the tuning database (default ./fxopt_tuning)",
+    )
+    tuning.add_argument(
+        "--batch",
+        type=int,
+        help="batch size of a zoo model's example inputs (default 1); the shapes tuned",
+    )
+    tuning.set_defaults(command=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .codegen.tune import tune
+
+    model, inputs = load_target(args.target, args.batch)
+    summary = tune(model, inputs, args.tvm_target, args.work_dir, trials=args.trials)
+    print(summary)
+    return 0
 
 
 def _add_optimize(commands) -> None:
@@ -102,6 +148,13 @@ def _add_optimize(commands) -> None:
         action="store_true",
         help="also print each pass's near-misses: where a rule's pattern matched but its "
         "check declined, and why",
+    )
+    opt.add_argument(
+        "--tuning-db",
+        metavar="DIR",
+        type=Path,
+        help="with --backend tvm: use the tuned schedules `fxopt tune` stored in DIR "
+        "(the batch is then kept static)",
     )
     opt.add_argument("--json", metavar="FILE", type=Path, help="also write the report as JSON")
     opt.set_defaults(command=_optimize)
@@ -181,6 +234,7 @@ def _optimize(args: argparse.Namespace) -> int:
         passes=passes,
         verify=not args.no_verify,
         dynamic_batch=not args.static_batch,
+        tuning_db=args.tuning_db,
     )
     print(optimized.report)
     if args.explain:

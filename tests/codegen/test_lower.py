@@ -11,7 +11,6 @@ from fxopt.codegen.runtime import TVMModule
 pytestmark = pytest.mark.tvm
 
 
-
 def lowers_and_matches_eager(name: str, target: str | dict) -> None:
     model = fxopt.models.create(name).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
