@@ -189,11 +189,14 @@ CONVERTERS: dict = {
 }
 
 
+def kernel_names(source: str) -> set[str]:
+    """The distinct `__global__` kernels a generated CUDA source declares or defines."""
+    return set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)", source))
+
+
 def block_kernel_count(source: str) -> int:
     """How many distinct `__global__` kernels a generated CUDA source declares or defines."""
-    return len(
-        set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)", source))
-    )
+    return len(kernel_names(source))
 
 
-__all__ = ["BLOCK_ATTR", "CONVERTERS", "block_kernel_count", "schedule"]
+__all__ = ["BLOCK_ATTR", "CONVERTERS", "block_kernel_count", "kernel_names", "schedule"]

@@ -23,8 +23,7 @@ from torch.utils import _pytree as pytree
 from ..capture import batch_size
 from ..errors import BuildError, UnsupportedError
 from . import tvm_api as tv
-
-METADATA_FUNCTION = "fxopt_metadata"
+from .runtime import METADATA_FUNCTION
 
 # The tuning database `build` uses when it is given none (see `tuning_database`).
 _TUNING_DATABASE: list = [None]

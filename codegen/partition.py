@@ -35,7 +35,7 @@ class Lowered:
 
 def lower_for_optimize(gm: fx.GraphModule, inputs: tuple, target, dynamic_batch: bool) -> Lowered:
     """Build `gm` with TVM for `target`, partitioning around ops TVM cannot take."""
-    kind = target if isinstance(target, str) else dict(target).get("kind", "llvm")
+    kind = _kind(target)
     try:
         # the whole graph first: the frontend decomposes ops to core ATen, so an op missing
         # from its table (`unsupported_ops`) may still import
@@ -48,7 +48,7 @@ def lower_for_optimize(gm: fx.GraphModule, inputs: tuple, target, dynamic_batch:
 
 
 def _partitioned(gm, inputs, target, dynamic_batch) -> Lowered:
-    kind = target if isinstance(target, str) else dict(target).get("kind", "llvm")
+    kind = _kind(target)
     missing = unsupported_ops(gm)
     split, islands = split_islands(_without_guards(gm), set(missing))
     island_inputs = record_inputs(split, inputs)
@@ -73,6 +73,11 @@ def _partitioned(gm, inputs, target, dynamic_batch) -> Lowered:
         lowered.notes += [f"{name}: {note}" for note in built.notes]
     split.recompile()
     return lowered
+
+
+def _kind(target) -> str:
+    """ "llvm" or "cuda" for a target given as a name or a TVM target dict."""
+    return target if isinstance(target, str) else dict(target).get("kind", "llvm")
 
 
 def split_islands(gm: fx.GraphModule, unsupported: set[str]):

@@ -215,9 +215,7 @@ def test_a_zoo_model_built_for_cuda_has_one_kernel_per_fused_block():
     )
     fused = {op: n for op, n in artifact.report.after.op_counts.items() if op.startswith("fxopt")}
     assert fused == {"fxopt::dw_pw_block": 1, "fxopt::pw_dw_pw_block": 7}
-    kernels = set(
-        re.findall(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)", artifact.source())
-    )
+    kernels = blocks.kernel_names(artifact.source())
     block_kernels = {k for k in kernels if k.startswith("fxopt_")}
     conv_kernels = {k for k in kernels - block_kernels if "conv2d" in k}
     assert len(block_kernels) == sum(fused.values())
