@@ -63,6 +63,17 @@ def resolve(passes: Sequence[str] | None, approximate: bool) -> list[str]:
 APPROXIMATE_MAX_ERROR = 1.0
 
 
+def update_settings(config: dict, settings: dict) -> dict:
+    """Update an approximate pass's module-level `config` with `settings` (names it already
+    has only) and return the previous settings, so ``configure(**old)`` restores them."""
+    unknown = set(settings) - set(config)
+    if unknown:
+        raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(config)}")
+    old = dict(config)
+    config.update(settings)
+    return old
+
+
 @dataclass(frozen=True)
 class ApproximateResult(PassResult):
     """What an approximate pass returns: a `PassResult` plus its own summary of what it gave

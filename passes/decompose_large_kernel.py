@@ -28,7 +28,7 @@ from torch import fx
 from fxopt.cost import Cost, call_overhead, conv_flops, hinted, node_roofline, roofline
 from fxopt.graph import add_constant, call, constant, is_op, owns_weights, val
 from fxopt.ops import conv
-from fxopt.pipeline import ApproximateResult
+from fxopt.pipeline import ApproximateResult, update_settings
 from fxopt.registry import register_pass
 from fxopt.rewrite import Match, Rule, decline, rewrite
 
@@ -43,12 +43,7 @@ CONFIG = {"min_kernel": 7, "max_residual": 1.0}
 
 def configure(**settings) -> dict:
     """Set ``min_kernel`` and ``max_residual``; returns the previous settings."""
-    unknown = set(settings) - set(CONFIG)
-    if unknown:
-        raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(CONFIG)}")
-    old = dict(CONFIG)
-    CONFIG.update(settings)
-    return old
+    return update_settings(CONFIG, settings)
 
 
 def project(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

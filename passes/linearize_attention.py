@@ -29,7 +29,7 @@ from torch import fx
 
 from fxopt.cost import OP_OVERHEAD_BYTES, Cost, hinted, node_roofline, roofline
 from fxopt.graph import add_constant, arg, call, is_op, val
-from fxopt.pipeline import ApproximateResult
+from fxopt.pipeline import ApproximateResult, update_settings
 from fxopt.registry import register_pass
 from fxopt.rewrite import Match, Rule, decline, rewrite
 
@@ -43,16 +43,11 @@ LINEAR_CALLS = 10  # ops in the linear form, each with a fixed cost
 def configure(**settings) -> dict:
     """Set ``feature_map`` (one of FEATURE_MAPS), ``power`` and ``eps``; returns the previous
     settings, so ``configure(**old)`` restores them."""
-    unknown = set(settings) - set(CONFIG)
-    if unknown:
-        raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(CONFIG)}")
     if settings.get("feature_map", "elu") not in FEATURE_MAPS:
         raise ValueError(
             f"feature_map must be one of {FEATURE_MAPS}, got {settings['feature_map']}"
         )
-    old = dict(CONFIG)
-    CONFIG.update(settings)
-    return old
+    return update_settings(CONFIG, settings)
 
 
 def can_linearize(match: Match) -> bool:

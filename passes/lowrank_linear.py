@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from fxopt.graph import add_constant, call, constant, is_op, owns_weights
-from fxopt.pipeline import ApproximateResult
+from fxopt.pipeline import ApproximateResult, update_settings
 from fxopt.registry import register_pass
 from fxopt.rewrite import Match, Rule, decline, rewrite
 
@@ -35,15 +35,10 @@ CONFIG = {"energy": 0.999}
 def configure(**settings) -> dict:
     """Set the low-rank passes' budget (``energy``: the fraction of sum(s**2) to keep, in
     (0, 1]); returns the previous settings, so ``configure(**old)`` restores them."""
-    unknown = set(settings) - set(CONFIG)
-    if unknown:
-        raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(CONFIG)}")
     energy = settings.get("energy", CONFIG["energy"])
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    old = dict(CONFIG)
-    CONFIG.update(settings)
-    return old
+    return update_settings(CONFIG, settings)
 
 
 @dataclass(frozen=True)
