@@ -126,6 +126,7 @@ def optimize(
     report.dynamic_batch = captured.dynamic_batch
     if captured.note:
         report.notes.append(captured.note)
+    report.notes += captured.kept_in_place
     gm = optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured))
     fast = finalize(snapshot(gm))  # `gm` stays the readable ATen graph; `fast` is what runs
     if verify:

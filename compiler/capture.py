@@ -1,4 +1,5 @@
-"""Capture a model as an ATen-level fx graph with torch.export (non-strict).
+"""Capture a model as an ATen-level fx graph with torch.export (non-strict), made functional
+where the model's in-place ops are unobservable.
 
 The batch dimension is made symbolic when every tensor input shares it and the model allows it;
 otherwise the capture falls back to static shapes and says why.
@@ -9,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .functionalize import functionalize
 
 
 @dataclass
@@ -23,10 +25,18 @@ class Capture:
     graph_module: fx.GraphModule
     dynamic_batch: bool
     note: str | None = None  # why the batch is static, when it is
+    kept_in_place: list[str] = field(default_factory=list)  # in-place ops not made functional
 
 
 def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> Capture:
-    """Export an eval-mode `model` (the caller passes a private copy) to a GraphModule."""
+    """Export an eval-mode `model` (the caller passes a private copy) to a functional
+    GraphModule (see `fxopt.functionalize`)."""
+    captured = _capture(model, example_inputs, dynamic_batch)
+    captured.kept_in_place = [str(k) for k in functionalize(captured.graph_module)]
+    return captured
+
+
+def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Capture:
     note = None
     if dynamic_batch:
         batch = batch_size(example_inputs)

@@ -66,7 +66,9 @@ def make_backend(names=DEFAULT_PIPELINE, verify: bool = True, report: Report | N
         args = tuple(example_inputs[i] for i in runtime)
         frozen = _Frozen(gm, example_inputs, weights).eval()
         graph_report = report if report is not None else Report("dynamo graph", "eager")
-        optimized = capture(frozen, args, dynamic_batch=False).graph_module
+        captured = capture(frozen, args, dynamic_batch=False)
+        graph_report.notes += [n for n in captured.kept_in_place if n not in graph_report.notes]
+        optimized = captured.graph_module
         sets = input_sets(args) if verify else []
         optimized = finalize(optimize_graph(optimized, args, names, verify, graph_report, None))
         if verify:

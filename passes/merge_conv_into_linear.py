@@ -7,7 +7,7 @@ b_fc + alpha b. The FC is a linear over the last axis, or a 1x1 conv (RepMLP's g
 a (N, C*H*W, 1, 1) input. Reshapes (view, reshape, flatten, squeeze, ...) keep the row-major
 order of elements, so when the FC's input and each conv's input are reshapes of one value and the
 two outputs are reshaped to one shape before the add, row r of the FC meets sample r of the conv.
-Sums of several convs (RepMLP's 1x1, 3x3, ... branches) and in-place `+=` are taken as a whole.
+Sums of several convs (RepMLP's 1x1, 3x3, ... branches) are taken as a whole.
 Declines when: a spatial size is symbolic; the reshapes do not line up (a permute or transpose
 between the FC's and a conv's input, differing feature counts); a value in between has another
 user or passes a nonlinearity; a conv is transposed or unbatched; a conv mixes channels of two
@@ -36,10 +36,9 @@ from .merge_sequential_convs import (
     ADDS,
     add_of_values,
     add_operands,
-    functional,
     owns_constants,
     same_shape,
-    written_outside,
+    written_in_place,
 )
 from .sequential_math import conv_as_matrix, conv_bias_as_vector
 
@@ -184,7 +183,7 @@ def can_merge(match: Match) -> bool:
         fc.weight,
         *(n for c, _ in found.terms for n in (c.node.args[0], c.weight)),
     }
-    if written_outside(gm, {*found.region, match.root}, touched):
+    if written_in_place(gm, touched):
         return False
     # the merged FC has the FC's shape and groups: it costs what the FC alone costs
     return static_cost([fc.node]) <= static_cost([*found.region, match.root])
@@ -213,7 +212,6 @@ def merge(match: Match) -> fx.Node:
             values["bias"] = add_constant(gm, bias.to(weight.dtype), f"{name}_bias")
         args, kwargs = replaced_args(fc.node, **values)
         merged = call(gm, fc.node.target, args, kwargs)
-    functional([*found.region, root])
     fc.node.replace_all_uses_with(merged)
     erase_dead(gm, fc.node)
     return merged if found.fc_side is fc.node else found.fc_side

@@ -5,15 +5,15 @@ conv's geometry with W' = P W, b' = P b + b_p; 1x1 conv -> conv keeps the second
 W' = W P, b' = b + sum over taps of W b_p (merged groups: gcd of both). linear -> linear is
 W2 W1, W2 b1 + b2. A sum `f(x) + alpha * g(x)` of chains of linears and scalar multiplies of one
 input (ZeroI2V adapters: parallel `W x + b + up(down(x))`, serial `h + up(down(h))` with
-h = host(x), also written `h += ...`) becomes one linear of the nearest such input that passes
+h = host(x)) becomes one linear of the nearest such input that passes
 the checks: the parallel form gives W + U D, b + U b_d + b_u; the serial form (I + U D) W,
 (I + U D) b + U b_d + b_u.
 Declines when: a value in between has another user or passes a nonlinearity; a weight or bias is
 not a constant or is shared; the dtypes differ; a conv is transposed, unbatched or of another
 rank; the 1x1 conv is strided or padded; the 1x1 conv before a zero-padded conv has a nonzero
 bias (the padded border reads 0, not the bias; DBB pads with the bias value through an explicit
-pad op, which this pass does not match); the add broadcasts or writes into its source; an input
-or weight is written in place elsewhere; or the merged op would cost more (fxopt.cost: FLOPs,
+pad op, which this pass does not match); the add broadcasts; an input or weight is written in
+place (into a model input or buffer); or the merged op would cost more (fxopt.cost: FLOPs,
 then bytes). Merging multiplies out the middle width, so a narrow middle makes it dearer:
 linear in -> mid -> out merges only when in * out <= mid * (in + out), i.e. at
 mid >= in * out / (in + out) (256 -> 4 -> 256 declines, 64 -> 64 -> 64 merges). Per output
@@ -34,7 +34,16 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.cost import Cost, conv_flops, hinted, linear_flops, static_cost
-from fxopt.graph import add_constant, arg, call, constant, constant_users, is_op, val
+from fxopt.graph import (
+    add_constant,
+    arg,
+    call,
+    constant,
+    constant_users,
+    is_op,
+    mutated_nodes,
+    val,
+)
 from fxopt.ops import CONVS, Conv, conv
 from fxopt.registry import register_pass
 from fxopt.rewrite import Match, PassResult, Rule, rewrite
@@ -45,7 +54,7 @@ from .sequential_math import Bias, add_linears, compose_linears, pointwise_after
 aten = torch.ops.aten
 LINEAR = (aten.linear,)
 CONV_OPS = (*CONVS, aten.convolution)
-ADDS = (aten.add.Tensor, aten.add_.Tensor)
+ADDS = (aten.add.Tensor,)
 
 
 # -- shared preconditions (merge_conv_into_linear uses them too) -------------------------------
@@ -79,58 +88,10 @@ def same_shape(*nodes: fx.Node) -> bool:
     )
 
 
-def written_outside(gm: fx.GraphModule, region, touched) -> bool:
-    """Whether an in-place op outside `region` may write the storage of a `touched` value.
-
-    Finer than `fxopt.graph.mutated_nodes`, which joins an in-place add with all its inputs and
-    a view with its size arguments, so a region's own `+=` on a private value would taint its
-    sources.
-    """
-    written = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node not in region:
-            written |= {storage(value) for value in written_arguments(node)}
-    return bool(written) and (None in written or bool(written & {storage(n) for n in touched}))
-
-
-def written_arguments(node: fx.Node) -> list[fx.Node]:
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.is_mutable:
-        return []
-    found = []
-    for index, argument in enumerate(schema.arguments):
-        if argument.alias_info is not None and argument.alias_info.is_write:
-            fx.node.map_arg(arg(node, index, argument.name), found.append)
-    return found
-
-
-def storage(node: fx.Node) -> fx.Node | None:
-    """The value whose memory `node` views (itself if it owns it); None when unknown."""
-    while node.op == "call_function":
-        schema = getattr(node.target, "_schema", None)
-        if schema is None:
-            return None  # getitem of a split, a Python function: may view anything
-        returned = schema.returns[0].alias_info if schema.returns else None
-        if returned is None:
-            return node
-        viewed = [
-            i
-            for i, a in enumerate(schema.arguments)
-            if a.alias_info is not None and a.alias_info.before_set == returned.before_set
-        ]
-        base = arg(node, viewed[0], schema.arguments[viewed[0]].name) if viewed else None
-        if not isinstance(base, fx.Node):
-            return None
-        node = base
-    return node
-
-
-def functional(nodes) -> None:
-    """In-place adds in a merged region write only values the region alone reads, so once the
-    region is replaced they may run out of place (and be erased as dead)."""
-    for node in nodes:
-        if node.target is aten.add_.Tensor:
-            node.target = aten.add.Tensor
+def written_in_place(gm: fx.GraphModule, touched) -> bool:
+    """Whether an in-place op (one the capture kept: a write into an input or buffer) may
+    write the memory of a `touched` value."""
+    return bool(mutated_nodes(gm) & set(touched))
 
 
 def new_op_cost(node_reads, weight_shape, bias_size: int, out_shape, flops: int, itemsize) -> Cost:
@@ -189,7 +150,7 @@ def can_merge_convs(match: Match, pointwise_second: bool) -> bool:
     flops = conv_flops(out[0], out[2:], weight_shape, bias > 0)
     merged = new_op_cost([source], weight_shape, bias, out, flops, w1.element_size())
     touched = {match[0].args[0], pair.first.weight, pair.second.weight}
-    return merged <= static_cost(match.nodes) and not written_outside(gm, match.nodes, touched)
+    return merged <= static_cost(match.nodes) and not written_in_place(gm, touched)
 
 
 def merge_convs(match: Match, pointwise_second: bool) -> fx.Node:
@@ -239,7 +200,7 @@ def can_merge_linears(match: Match) -> bool:
     touched = {first.args[0], first.args[1], second.args[1]}
     bias = arg(first, 2, "bias") is not None or arg(second, 2, "bias") is not None
     cost = linear_cost(first.args[0], second, bias)
-    return cost <= static_cost(match.nodes) and not written_outside(gm, match.nodes, touched)
+    return cost <= static_cost(match.nodes) and not written_in_place(gm, touched)
 
 
 def is_owned_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -334,8 +295,6 @@ def can_sum(gm: fx.GraphModule, root: fx.Node, path_a: Path, path_b: Path) -> bo
     region, source = {*path_a.steps, *path_b.steps}, path_a.source
     if any(not set(node.users) <= region | {root} for node in region):
         return False
-    if root.target is aten.add_.Tensor and root.args[0] not in region:
-        return False  # the add writes into the source, which others may read
     if len({val(n).dtype for n in (*region, root, source)}) != 1:
         return False
     if not isinstance(val(source).shape[-1], int):
@@ -344,9 +303,7 @@ def can_sum(gm: fx.GraphModule, root: fx.Node, path_a: Path, path_b: Path) -> bo
     biases = [arg(n, 2, "bias") for n in linears if arg(n, 2, "bias") is not None]
     cost = linear_cost(source, root, bool(biases))
     touched = {source, *biases, *(n.args[1] for n in linears)}
-    return cost <= static_cost([*region, root]) and not written_outside(
-        gm, {*region, root}, touched
-    )
+    return cost <= static_cost([*region, root]) and not written_in_place(gm, touched)
 
 
 def can_merge_sum(match: Match) -> bool:
@@ -360,7 +317,6 @@ def merge_sum(match: Match) -> fx.Node:
     first = linear_map(gm, path_a.steps, features)
     second = linear_map(gm, path_b.steps, features)
     weight, bias = add_linears(*first, *second, alpha)
-    functional([root])
     return merged_linear(gm, path_a.source, weight, bias, val(root).dtype)
 
 
