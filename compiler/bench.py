@@ -207,7 +207,11 @@ def _bench_model(
         inputs = zoo.example_inputs(name, batch=batch, shape=setting.shape)
     except ValueError as error:
         raise InputError(str(error)) from None
-    inputs = tuple(t.to(setting.device, setting.dtype) for t in inputs)
+    # Token ids (hf: text models) stay integers; only floating-point inputs take the dtype.
+    inputs = tuple(
+        t.to(setting.device, setting.dtype) if t.is_floating_point() else t.to(setting.device)
+        for t in inputs
+    )
     built = [_build(name, c, model, inputs, status) for c in candidates]
     ready = [c for c in built if c.fn is not None]
     with torch.no_grad():

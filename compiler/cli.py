@@ -21,8 +21,12 @@ from .errors import FxoptError, InputError
 from .progress import table
 from .registry import list_passes
 
+TARGET_HELP = "zoo model name, timm:NAME, torchvision:NAME, hf:NAME, or path to a .py file"
 FILE_HELP = """\
-TARGET is a zoo model name (see `fxopt models`) or a path to a .py file that defines
+TARGET is a zoo model name (see `fxopt models`), a real model of another library with
+random weights (timm:NAME, torchvision:NAME, or hf:NAME for bert, distilbert, gpt2, llama,
+t5_encoder, vit, clip_vision, whisper_encoder; the library must be installed), or a path to
+a .py file that defines
   model           an nn.Module, or a function without arguments that returns one
   example_inputs  a tensor or a tuple of tensors (as model(*example_inputs)),
                   or a function without arguments that returns one
@@ -75,7 +79,7 @@ def _add_tune(commands) -> None:
         epilog=FILE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tuning.add_argument("target", metavar="TARGET", help="zoo model name or path to a .py file")
+    tuning.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     tuning.add_argument(
         "--target",
         dest="tvm_target",
@@ -117,7 +121,7 @@ def _add_optimize(commands) -> None:
         epilog=FILE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    opt.add_argument("target", metavar="TARGET", help="zoo model name or path to a .py file")
+    opt.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     opt.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -168,7 +172,11 @@ def _add_bench(commands) -> None:
         "then time calls in turns so that machine noise hits all candidates alike. Reports "
         "median latency and speed-up = eager median / candidate median (> 1 is faster).",
     )
-    timing.add_argument("--models", required=True, help="comma-separated zoo model names")
+    timing.add_argument(
+        "--models",
+        required=True,
+        help="comma-separated zoo model names or timm:NAME, torchvision:NAME, hf:NAME",
+    )
     timing.add_argument(
         "--backends",
         default="eager,optimized",
@@ -277,7 +285,8 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def load_target(target: str, batch: int | None) -> tuple[nn.Module, tuple]:
-    """The model and example inputs named by TARGET: a zoo model name or a .py file."""
+    """The model and example inputs named by TARGET: a zoo model name, a ``timm:``,
+    ``torchvision:`` or ``hf:`` name, or a .py file."""
     path = Path(target)
     if target.endswith(".py") or path.is_file():
         if batch is not None:
@@ -287,6 +296,8 @@ def load_target(target: str, batch: int | None) -> tuple[nn.Module, tuple]:
         return _load_file(path)
     try:
         zoo.info(target)
+    except InputError:  # a library's model: its package is missing or has no such name
+        raise
     except ValueError as error:
         raise InputError(f"{error}; or give the path of a .py file") from None
     return zoo.create(target), zoo.example_inputs(target, batch=batch or 1)

@@ -1,4 +1,9 @@
-"""The model registry: models register by name with a one-line factory, as in timm."""
+"""The model registry: models register by name with a one-line factory, as in timm.
+
+Names of the form ``timm:NAME``, ``torchvision:NAME`` and ``hf:NAME`` build real models of
+those libraries (see `fxopt.models.external`) through the same `create`, `example_inputs` and
+`info`; `list` names the zoo only.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import external
+from .external import InputDraw, normal_inputs
 from .randomize import randomize_
 
 Factory = Callable[[], nn.Module]
@@ -22,6 +29,8 @@ class _Entry:
     factory: Factory
     input_shape: tuple[int, ...]
     deploy: Deploy | None
+    draw: InputDraw = normal_inputs
+    description: str | None = None  # None: the factory's docstring
 
 
 @dataclass(frozen=True)
@@ -82,9 +91,15 @@ def list() -> builtins.list[str]:
 
 
 def _entry(name: str) -> _Entry:
+    if external.is_external(name):
+        model = external.lookup(name)
+        return _Entry(model.factory, model.input_shape, model.deploy, model.draw, model.description)
     if name not in _REGISTRY:
         available = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown model {name!r}; available models: {available}")
+        raise ValueError(
+            f"unknown model {name!r}; available models: {available}; "
+            "or timm:NAME, torchvision:NAME, hf:NAME"
+        )
     return _REGISTRY[name]
 
 
@@ -97,9 +112,11 @@ def create(name: str, deploy: bool = False, seed: int = 0) -> nn.Module:
     Parameters
     ----------
     name
-        A registered model name (see `list`).
+        A registered model name (see `list`), or ``timm:NAME``, ``torchvision:NAME`` or
+        ``hf:NAME`` for a model of that library with random weights.
     deploy
-        Return the hand-written deploy form, converted from the train form built with `seed`.
+        Return the hand-written deploy form, converted from the train form built with `seed`
+        (for ``timm:`` names, timm's own ``reparameterize_model``).
     seed
         Seed for every parameter and running statistic; the same seed gives the same model.
 
@@ -112,8 +129,13 @@ def create(name: str, deploy: bool = False, seed: int = 0) -> nn.Module:
     ------
     ValueError
         If the name is unknown, or `deploy` is requested for a model without a deploy form.
+    fxopt.errors.InputError
+        If a ``timm:``, ``torchvision:`` or ``hf:`` model's library is not installed, or has
+        no model of that name.
     """
     entry = _entry(name)
+    if deploy and entry.deploy is None and external.is_external(name):
+        raise ValueError(f"model {name!r} has no deploy form; timm: models have one")
     if deploy and entry.deploy is None:
         with_deploy = ", ".join(n for n in sorted(_REGISTRY) if _REGISTRY[n].deploy is not None)
         raise ValueError(
@@ -125,7 +147,7 @@ def create(name: str, deploy: bool = False, seed: int = 0) -> nn.Module:
         model = entry.factory()
     generator = torch.Generator().manual_seed(seed)
     # Running statistics are drawn around what each norm sees on these inputs (see randomize_).
-    calibration = (torch.randn((_CALIBRATION_BATCH, *entry.input_shape), generator=generator),)
+    calibration = entry.draw(_CALIBRATION_BATCH, entry.input_shape, generator)
     randomize_(model, generator, calibration)
     model.eval()
     if deploy:
@@ -150,7 +172,7 @@ def example_inputs(
     Parameters
     ----------
     name
-        A registered model name.
+        A registered model name, or a ``timm:``, ``torchvision:`` or ``hf:`` name.
     batch
         Size of the leading batch dimension.
     seed
@@ -162,7 +184,8 @@ def example_inputs(
     Returns
     -------
     tuple of torch.Tensor
-        One float32 tensor of shape ``(batch, *shape)``.
+        One tensor of shape ``(batch, *shape)``: float32, or int64 token ids for ``hf:`` text
+        models.
     """
     entry = _entry(name)
     if shape is None:
@@ -172,8 +195,7 @@ def example_inputs(
             f"{name} takes samples of shape {tuple(entry.input_shape)}; the shape "
             f"{tuple(shape)} has {len(shape)} dimensions instead of {len(entry.input_shape)}"
         )
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn((batch, *shape), generator=generator),)
+    return entry.draw(batch, tuple(shape), torch.Generator().manual_seed(seed))
 
 
 def info(name: str) -> ModelInfo:
@@ -182,7 +204,8 @@ def info(name: str) -> ModelInfo:
     Parameters
     ----------
     name
-        A registered model name.
+        A registered model name, or a ``timm:``, ``torchvision:`` or ``hf:`` name (this
+        imports the library, but builds no model).
 
     Returns
     -------
@@ -190,6 +213,8 @@ def info(name: str) -> ModelInfo:
         Name, per-sample input shape, whether a deploy form exists, and the first docstring line.
     """
     entry = _entry(name)
-    doc = (entry.factory.__doc__ or "").strip()
-    description = doc.splitlines()[0] if doc else ""
+    description = entry.description
+    if description is None:
+        doc = (entry.factory.__doc__ or "").strip()
+        description = doc.splitlines()[0] if doc else ""
     return ModelInfo(name, entry.input_shape, entry.deploy is not None, description)
