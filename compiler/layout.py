@@ -1,5 +1,6 @@
-"""Follow one tensor axis through layout ops (transpose, permute, view, flatten, mean over other
-axes), so a per-channel rewrite can see through the reshapes between two ops."""
+"""Follow one tensor axis through layout ops (transpose, permute, view, flatten, mean or adaptive
+average pooling over other axes), so a per-channel rewrite can see through the reshapes between
+two ops."""
 
 from __future__ import annotations
 
@@ -14,7 +15,17 @@ from .graph import arg, is_op, val
 aten = torch.ops.aten
 
 RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten)
-LAYOUT_OPS = (*RESHAPES, aten.transpose, aten.permute, aten.mean, aten.contiguous, aten.clone)
+# Averages over windows: a per-channel affine map commutes with them (the weights sum to 1).
+CHANNEL_AVERAGES = (aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d)
+LAYOUT_OPS = (
+    *RESHAPES,
+    aten.transpose,
+    aten.permute,
+    aten.mean,
+    aten.contiguous,
+    aten.clone,
+    *CHANNEL_AVERAGES,
+)
 
 
 def follow_axis(node: fx.Node, axis: int) -> int | None:
@@ -32,6 +43,9 @@ def follow_axis(node: fx.Node, axis: int) -> int | None:
         return [d % source.dim() for d in node.args[1]].index(axis)
     if is_op(node, aten.mean):
         return _after_mean(node, source.dim(), axis)
+    if is_op(node, *CHANNEL_AVERAGES):
+        spatial = len(arg(node, 1, "output_size"))
+        return axis if axis < source.dim() - spatial else None
     return _after_reshape(list(source.shape), list(out.shape), axis)
 
 
@@ -57,12 +71,26 @@ def _known_equal(a, b) -> bool:
     return bool(statically_known_true(a == b)) if not isinstance(a == b, bool) else a == b
 
 
+# Ops whose second argument is read for its shape only (LeViT: `bn(x.flatten(0, 1)).reshape_as(x)`).
+SHAPE_OF_SECOND = (aten.reshape_as, aten.view_as, aten.expand_as)
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` that read its values, not only its shape."""
+    return [
+        user
+        for user in node.users
+        if not (is_op(user, *SHAPE_OF_SECOND) and user.args[0] is not node)
+        and not is_op(user, aten.sym_size)
+    ]
+
+
 def chain_back(node: fx.Node, stop: tuple) -> list[fx.Node] | None:
-    """From `node`'s first input, walk back through single-user layout ops to an op in `stop`:
-    returns [stop_node, layout ops..., node], or None."""
+    """From `node`'s first input, walk back through layout ops that only it reads (uses of
+    their shape aside) to an op in `stop`: returns [stop_node, layout ops..., node], or None."""
     chain = [node]
     current = node.args[0] if node.args else None
-    while isinstance(current, fx.Node) and len(current.users) == 1:
+    while isinstance(current, fx.Node) and len(value_users(current)) == 1:
         chain.insert(0, current)
         if is_op(current, *stop):
             return chain

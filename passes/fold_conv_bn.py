@@ -1,4 +1,5 @@
-"""fold_conv_bn: conv -> batch_norm  =>  conv with the norm folded into weight and bias.
+"""fold_conv_bn: conv -> batch_norm  =>  conv with the norm folded into weight and bias; also
+cat(conv, ..., conv) -> batch_norm  =>  cat(conv', ..., conv') (each conv takes its channels).
 
 Exact: yes; eval-mode batch norm is a per-channel affine map, `y = x * s + t` with
 s = gamma / sqrt(var + eps) and t = beta - mean * s, and a conv's output channels scale with
@@ -6,18 +7,22 @@ its filter rows (conv1d/2d/3d and conv_transpose1d/2d/3d, any groups, stride, di
 Declines when: the norm uses batch statistics (training mode or no running statistics), the conv
 input is unbatched, the conv output has another user, the conv's weight or bias is not a constant
 or is shared with another op (torch.fx's own fuser corrupts that case, pytorch issue 104593), or
-the channel counts differ.
+the channel counts differ; a cat joins along another axis than the channels, or one of its
+convs (or the cat) has another user.
 Reference: Ioffe & Szegedy 2015.
 """
 
+import torch
 from torch import fx
 
-from fxopt.graph import add_constant, call, constant, owns_weights
+from fxopt.graph import add_constant, arg, call, constant, is_op, owns_weights, val
 from fxopt.ops import ANY_CONV, BATCH_NORM, batch_norm, conv, replaced_args
 from fxopt.registry import register_pass
 from fxopt.rewrite import Match, PassResult, Rule, rewrite
 
 from .affine import affine_bias, bn_scale_shift, scale_output_channels
+
+aten = torch.ops.aten
 
 
 def can_fold(match: Match) -> bool:
@@ -34,10 +39,17 @@ def can_fold(match: Match) -> bool:
 
 def fold(match: Match) -> fx.Node:
     gm, producer = match.gm, match[0]
-    c, bn = conv(producer), batch_norm(gm, match.root)
+    bn = batch_norm(gm, match.root)
+    scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
+    return folded_conv(gm, producer, scale, shift)
+
+
+def folded_conv(gm: fx.GraphModule, producer: fx.Node, scale, shift) -> fx.Node:
+    """A copy of the conv call `producer` with `x * scale + shift` per output channel folded
+    into its weight and bias."""
+    c = conv(producer)
     weight = constant(gm, c.weight)
     bias = constant(gm, c.bias) if c.bias is not None else None
-    scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
     new_weight = scale_output_channels(weight, scale, c.transposed, c.groups)
     new_bias = affine_bias(bias, scale, shift, weight.dtype)
     args, kwargs = replaced_args(
@@ -48,9 +60,54 @@ def fold(match: Match) -> fx.Node:
     return call(gm, producer.target, args, kwargs)
 
 
+def convs_then_norm(node: fx.Node) -> list[fx.Node] | None:
+    """[convs..., cat, bn]: a batch norm of the channel-wise concatenation of convs
+    (MixNet's mixed kernels, Inception branches)."""
+    if not is_op(node, *BATCH_NORM) or not is_op(node.args[0], aten.cat):
+        return None
+    joined = node.args[0]
+    parts = joined.args[0]
+    if not all(conv(p) is not None for p in parts) or len(set(parts)) != len(parts):
+        return None
+    return [*parts, joined, node]
+
+
+def can_fold_cat(match: Match) -> bool:
+    gm, (*parts, joined, norm) = match.gm, match.nodes
+    bn, out = batch_norm(gm, norm), val(joined)
+    if bn is None or out is None or out.dim() < 2 or len(joined.users) != 1:
+        return False
+    if arg(joined, 1, "dim", 0) % out.dim() != 1:
+        return False
+    for part in parts:
+        c = conv(part)
+        if list(part.users) != [joined] or not owns_weights(gm, c.weight, c.bias):
+            return False
+        if val(part).dim() != constant(gm, c.weight).dim():  # unbatched: dim 1 is space
+            return False
+    return bn.mean.numel() == out.shape[1]
+
+
+def fold_cat(match: Match) -> fx.Node:
+    """Each conv takes the norm's map for its own slice of the channels."""
+    gm, (*parts, joined, norm) = match.gm, match.nodes
+    bn = batch_norm(gm, norm)
+    scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
+    folded, start = [], 0
+    for part in parts:
+        width = val(part).shape[1]
+        window = slice(start, start + width)
+        with gm.graph.inserting_before(joined):
+            folded.append(folded_conv(gm, part, scale[window], shift[window]))
+        start += width
+    return call(gm, aten.cat.default, (folded, 1))
+
+
 RULES = [
     # conv -> bn  =>  conv'
     Rule("conv-bn", pattern=(ANY_CONV, BATCH_NORM), check=can_fold, build=fold),
+    # cat(conv_1, ..., conv_n) -> bn  =>  cat(conv_1', ..., conv_n')
+    Rule("cat-conv-bn", pattern=convs_then_norm, check=can_fold_cat, build=fold_cat),
 ]
 
 

@@ -4,9 +4,10 @@ Exact: yes; eval-mode batch norm is a per-channel affine map, `y = x * s + t` wi
 s = gamma / sqrt(var + eps) and t = beta - mean * s. After a linear it scales the weight's rows
 and turns the bias into b * s + t; before one, linear(x * s + t) = x @ (W * s)^T + (W @ t + b),
 so it scales the weight's columns. Layout ops between the two (transpose, permute, flatten,
-view, mean over other axes: SLAB's `bn(x.transpose(1, 2)).transpose(1, 2)`) are followed, since
-a per-channel map commutes with them, as long as the norm's channel axis (dim 1) is the linear's
-feature axis (its last) throughout.
+view, mean or adaptive average pooling over other axes: SLAB's
+`bn(x.transpose(1, 2)).transpose(1, 2)`, LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`, a
+pooled head) are followed, since a per-channel map commutes with them, as long as the norm's
+channel axis (dim 1) is the linear's feature axis (its last) throughout.
 Declines when: the norm uses batch statistics (training mode or no running statistics), a value
 between the two ops has another user, the linear's weight or bias is not a constant or is shared
 with another op, a layout op mixes the channel axis with others, or the channel counts differ.

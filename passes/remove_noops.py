@@ -1,11 +1,12 @@
 """remove_noops: eval dropout, identity copies, same-shape views, inverse permutes, x*1  =>  x.
 
 Exact: yes; each removed op returns a tensor equal to its input in value, shape, dtype, device
-and layout (only strides and aliasing may differ, which an inference graph does not observe).
+and layout (only aliasing and the strides of a kept layout may differ).
 Declines when: dropout runs in training mode, a copy or cast changes dtype, device or memory
-format, a view changes the shape (or the shapes are symbolic and not provably equal), a
-permutation is not the identity, a neutral scalar would promote the dtype, or the value or its
-input is written in place somewhere (removing a copy would then let the write leak).
+format, `contiguous()` has an input that is not contiguous (a `.view` after it needs the copy), a
+view changes the shape (or the shapes are symbolic and not provably equal), a permutation is not
+the identity, a neutral scalar would promote the dtype, or the value or its input is written in
+place somewhere (removing a copy would then let the write leak).
 Reference: identities; fxopt pipeline clean-up before pattern passes.
 """
 
@@ -15,7 +16,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.graph import arg, is_op, mutated_nodes, val
 from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rewrite import Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 
@@ -79,7 +80,20 @@ def can_remove_copy(match: Match) -> bool:
     node, keep = match.root, _KEEP_FORMATS
     if is_op(node, aten.contiguous):
         keep = (None, torch.contiguous_format)  # contiguous() asks for this format explicitly
+        if not known_contiguous(val(node.args[0])):
+            return decline("the input is not contiguous (a view after it may need the copy)")
     return memory_format(node) in keep and can_replace_by_input(node)
+
+
+def known_contiguous(value) -> bool:
+    """Whether a (fake) tensor is contiguous for every size its symbols may take."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    try:
+        result = value.is_contiguous()
+    except Exception:  # a symbolic layout the fake tensor cannot decide
+        return False
+    return statically_known_true(result) if isinstance(result, torch.SymBool) else bool(result)
 
 
 def can_remove_view(match: Match) -> bool:

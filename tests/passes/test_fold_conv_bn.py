@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as hypothesis_st
 from torch import nn
 
 import fxopt
@@ -166,3 +167,67 @@ def test_fold_conv_bn_declines_on_an_unbatched_conv_whose_length_matches_the_cha
     result = fold_conv_bn(graph_of(model, x))
     assert not result.modified
     fxopt.testing.assert_equivalent(model, result.graph_module, (x,))
+
+
+class MixedConvBN(nn.Module):
+    """MixNet's mixed-kernel conv: channel groups through different kernels, joined, then one
+    batch norm over all channels."""
+
+    def __init__(self, kernels=(3, 5), widths=(4, 2), bias=False):
+        super().__init__()
+        branches = zip(kernels, widths, strict=True)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(3, w, k, padding=k // 2, bias=bias) for k, w in branches
+        )
+        self.bn = randomized(nn.BatchNorm2d(sum(widths)))
+
+    def forward(self, x):
+        return self.bn(torch.cat([c(x) for c in self.convs], 1)).relu()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fold_conv_bn_folds_a_norm_after_a_cat_of_convs_into_each_conv(bias):
+    model = MixedConvBN((3, 5, 7), (2, 3, 1), bias).eval()
+    result = apply_pass(fold_conv_bn, model, torch.randn(2, 3, 9, 9))
+    assert result.applied == {"cat-conv-bn": 1}
+    assert count_ops(result.graph_module, aten.batch_norm) == 0
+    assert count_ops(result.graph_module, aten.conv2d) == 3
+
+
+class CatAlongSpace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.bn = randomized(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.a(x), self.b(x)], 2))
+
+
+class CatWithReadBranch(MixedConvBN):
+    def forward(self, x):
+        first = self.convs[0](x)
+        return self.bn(torch.cat([first, self.convs[1](x)], 1)) + first.mean()
+
+
+@pytest.mark.parametrize("model", [CatAlongSpace(), CatWithReadBranch()], ids=["space", "read"])
+def test_fold_conv_bn_declines_a_cat_along_space_or_with_a_branch_read_elsewhere(model):
+    result = apply_pass(fold_conv_bn, model.eval(), torch.randn(2, 3, 6, 6))
+    assert "cat-conv-bn" not in result.applied
+    assert count_ops(result.graph_module, aten.batch_norm) == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    hypothesis_st.lists(
+        hypothesis_st.tuples(hypothesis_st.sampled_from([1, 3, 5]), hypothesis_st.integers(1, 4)),
+        min_size=1,
+        max_size=4,
+    ),
+    hypothesis_st.booleans(),
+)
+def test_fold_conv_bn_property_cat_of_convs_matches_eager(branches, bias):
+    kernels, widths = zip(*branches, strict=True)
+    model = MixedConvBN(kernels, widths, bias).eval()
+    result = apply_pass(fold_conv_bn, model, torch.randn(2, 3, 7, 7))
+    assert count_ops(result.graph_module, aten.batch_norm) == 0

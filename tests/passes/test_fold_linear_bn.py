@@ -360,3 +360,49 @@ def test_fold_linear_bn_leaves_the_model_untouched():
     apply_pass(fold_linear_bn, model, torch.randn(8, 7))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear -> flatten(0, 1) -> BatchNorm1d -> reshape_as (the linear's output is read
+    again, for its shape only)."""
+
+    def __init__(self, features=8, out=6):
+        super().__init__()
+        self.linear = nn.Linear(features, out, bias=False)
+        self.bn = randomize_batch_norm(nn.BatchNorm1d(out))
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class NormPoolHead(nn.Module):
+    """StarNet / ConvNeXt-style head: BN -> global average pool -> flatten -> linear."""
+
+    def __init__(self, pool: type = nn.AdaptiveAvgPool2d):
+        super().__init__()
+        self.bn = randomize_batch_norm(nn.BatchNorm2d(5))
+        self.pool, self.head = pool(1), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(self.bn(x)).flatten(1))
+
+
+def test_fold_linear_bn_folds_levit_linear_norm_through_flatten_and_reshape_as():
+    result = apply_pass(fold_linear_bn, LinearNorm().eval(), torch.randn(2, 7, 8))
+    assert result.applied == {"linear-bn": 1}
+    assert count_ops(result.graph_module, aten.batch_norm) == 0
+
+
+def test_fold_linear_bn_folds_a_norm_before_a_pooled_head():
+    result = apply_pass(fold_linear_bn, NormPoolHead().eval(), torch.randn(2, 5, 6, 6))
+    assert result.applied == {"bn-linear": 1}
+    assert count_ops(result.graph_module, aten.batch_norm) == 0
+
+
+def test_fold_linear_bn_declines_a_norm_before_max_pooling():
+    # max does not commute with a per-channel scale that may be negative
+    model = NormPoolHead(nn.AdaptiveMaxPool2d).eval()
+    result = apply_pass(fold_linear_bn, model, torch.randn(2, 5, 6, 6))
+    assert result.applied == {}
+    assert count_ops(result.graph_module, aten.batch_norm) == 1

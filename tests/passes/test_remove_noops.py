@@ -141,11 +141,13 @@ def test_remove_noops_on_zoo_model_wrapped_in_noops_matches_eager():
     assert count_ops(result.graph_module, aten.linear) == count_ops(before, aten.linear)
 
 
-def test_remove_noops_removes_contiguous_but_keeps_the_transpose_before_it():
+def test_remove_noops_keeps_contiguous_after_a_transpose():
+    # the copy makes the result contiguous, as a caller's `.view` on it needs (swin, davit)
     model = Step(lambda x: x.transpose(1, 2).contiguous())
     result = apply_pass(remove_noops, model, torch.randn(2, 3, 4))
-    assert result.applied == {"identity-copy": 1}
-    assert remaining_ops(result.graph_module) == ["transpose"]
+    assert result.applied == {}
+    assert remaining_ops(result.graph_module) == ["contiguous", "transpose"]
+    assert result.graph_module(torch.randn(2, 3, 4)).is_contiguous()
 
 
 def test_remove_noops_is_idempotent():
@@ -160,18 +162,18 @@ class TrainingDropout(nn.Module):
 
 
 class ClonedThenWritten(nn.Module):
-    """Removing the clone would let the in-place add write into `x`."""
+    """Removing the clone would let the write into the input `x` show through `y`."""
 
     def forward(self, x):
         y = x.clone()
-        y.add_(1)
+        x.add_(1)  # a write into an input: the capture keeps it in place
         return y + x
 
 
 class ViewThenWritten(nn.Module):
     def forward(self, x):
-        y = (x * 1).view(x.shape)
-        y.mul_(3)
+        y = x.view(x.shape)
+        y.mul_(3)  # writes the input through a view: kept in place
         return x + y
 
 
@@ -260,3 +262,27 @@ def test_remove_noops_property_random_chains_lose_exactly_their_noops(case):
     assert sum(result.applied.values()) == len(noops)
     kept = sorted(KEPT[s][1].__name__ for s in steps if s in KEPT)
     assert remaining_ops(result.graph_module) == kept
+
+
+class ContiguousBeforeView(nn.Module):
+    """swin / maxvit / davit: a window partition permutes, then `.contiguous().view(...)`."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        windows = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 3, 5, 1)
+        return windows.contiguous().view(-1, 4, c) * 2
+
+
+def test_remove_noops_keeps_contiguous_when_its_input_is_not_contiguous():
+    result = apply_pass(remove_noops, ContiguousBeforeView(), torch.randn(2, 3, 4, 4))
+    assert count_ops(result.graph_module, aten.contiguous) == 1
+    assert any("not contiguous" in miss for miss in result.declined["identity-copy"])
+
+
+def test_remove_noops_drops_contiguous_of_a_contiguous_value():
+    class Model(nn.Module):
+        def forward(self, x):
+            return (x * 2).contiguous().view(-1)
+
+    result = apply_pass(remove_noops, Model(), torch.randn(2, 3))
+    assert count_ops(result.graph_module, aten.contiguous) == 0
