@@ -8,7 +8,8 @@ given only the train form, must also end with no more batch norms, convs and lin
 timm's own hand-written deploy form (`reparameterize_model`) has.
 
 The bounds say what each model should reach, not what it reaches today: a bound above zero
-carries the reason those batch norms cannot fold.
+carries the reason those batch norms cannot fold, and a model that falls short today for a known
+reason says so in `known_gap` (a strict xfail: it turns into a failure once the model passes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Expect:
     bn: int = 0  # batch norms left after optimize, at most
     deploy: bool = False  # a re-param family: reach timm's deploy form's BN/conv/linear counts
     why: str = ""  # why `bn` cannot be lower
+    # a product gap known today: the test is a strict xfail with this reason, so it fails
+    # (and the entry must go) the day the model passes
+    known_gap: str = ""
 
 
 REPARAM = Expect(deploy=True)
@@ -132,7 +136,21 @@ def test_every_bound_above_zero_says_why():
     assert [name for name, expect in EXPECTED.items() if expect.bn and not expect.why] == []
 
 
-@pytest.mark.parametrize(("name", "expect"), EXPECTED.items(), ids=list(EXPECTED))
+def cases() -> list:
+    return [
+        pytest.param(
+            name,
+            expect,
+            id=name,
+            marks=[pytest.mark.xfail(strict=True, reason=expect.known_gap)]
+            if expect.known_gap
+            else [],
+        )
+        for name, expect in EXPECTED.items()
+    ]
+
+
+@pytest.mark.parametrize(("name", "expect"), cases())
 def test_optimize_is_exact_leaves_the_model_untouched_and_folds_what_it_should(
     name, expect, corpus
 ):
