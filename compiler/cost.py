@@ -1,7 +1,8 @@
 """The cost model: FLOPs and bytes per ATen op at concrete shapes, op counts and parameters.
 
-A multiply-add counts as two FLOPs. Shapes come from one run of the graph on real inputs, so
-symbolic batch sizes never leak into the numbers.
+A multiply-add counts as two FLOPs. Shapes are the ones the graph records (`meta["val"]`) with
+its symbolic sizes bound to the inputs' sizes, or, where a node records none, those of one run of
+the graph on the inputs; symbolic batch sizes never leak into the numbers.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.utils import _pytree as pytree
 
 from . import blocks
-from .graph import constants, is_op
+from .graph import constant, constants, is_op
 
 aten = torch.ops.aten
 
@@ -228,7 +230,55 @@ def flops(gm: fx.GraphModule, inputs: tuple, values: dict | None = None) -> int:
 
 
 def stats(gm: fx.GraphModule, inputs: tuple) -> Stats:
-    return stats_from(gm, concrete_values(gm, inputs))
+    values = recorded_values(gm, inputs)
+    return stats_from(gm, values if values is not None else concrete_values(gm, inputs))
+
+
+def recorded_values(gm: fx.GraphModule, inputs: tuple) -> dict[fx.Node, object] | None:
+    """Every node's value at the sizes of `inputs`, as meta tensors and ints built from the
+    recorded `meta["val"]` (a weight is its own value), without running the graph; None when
+    a computed node records no value or a size does not resolve."""
+    sizes: dict = {}
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    for node, value in zip(placeholders, gm.graph.process_inputs(*inputs), strict=False):
+        recorded = node.meta.get("val")
+        if isinstance(recorded, torch.Tensor) and isinstance(value, torch.Tensor):
+            for size, actual in zip(recorded.shape, value.shape, strict=False):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    sizes[size.node.expr] = actual
+    values: dict[fx.Node, object] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            values[node] = constant(gm, node)
+        elif node.op in ("placeholder", "call_function"):
+            if "val" not in node.meta:
+                return None
+            values[node] = pytree.tree_map(lambda v: _at_sizes(v, sizes), node.meta["val"])
+    leaves = pytree.tree_leaves(list(values.values()))
+    return None if any(leaf is _UNRESOLVED for leaf in leaves) else values
+
+
+_UNRESOLVED = object()
+
+
+def _at_sizes(value, sizes: dict):
+    if isinstance(value, torch.SymInt | int):
+        return _size(value, sizes)
+    if not isinstance(value, torch.Tensor):
+        return value
+    shape = [_size(d, sizes) for d in value.shape]
+    if any(d is _UNRESOLVED for d in shape):
+        return _UNRESOLVED
+    return torch.empty(shape, dtype=value.dtype, device="meta")
+
+
+def _size(size, sizes: dict):
+    if not isinstance(size, torch.SymInt):
+        return size
+    expr = size.node.expr.xreplace(sizes)  # a bare symbol becomes the int bound to it
+    if isinstance(expr, int):
+        return expr
+    return int(expr) if expr.is_number else _UNRESOLVED
 
 
 def stats_from(gm: fx.GraphModule, values: dict) -> Stats:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _pytree as pytree
 
 aten = torch.ops.aten
 
@@ -58,6 +62,11 @@ def fake_like(gm: fx.GraphModule, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def fake_mode(gm: fx.GraphModule):
+    """The fake mode of the graph's example values (the first one found: a graph has one)."""
+    for node in gm.graph.nodes:
+        for leaf in pytree.tree_leaves(node.meta.get("val")):
+            if isinstance(leaf, FakeTensor):
+                return detect_fake_mode([leaf])  # an active tracing context's mode comes first
     return detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes])
 
 
@@ -107,11 +116,40 @@ def constant_users(gm: fx.GraphModule, node: fx.Node) -> int:
     tensor = constant(gm, node)
     if tensor is None:
         return len(node.users)
-    total = 0
-    for other in gm.graph.nodes:
-        if other.op == "get_attr" and constant(gm, other) is tensor:
-            total += len(other.users)
-    return total
+    memo = _memo(gm)
+    if memo is None:
+        return _users_by_tensor(gm, {}).get(id(tensor), 0)
+    if "constant_users" not in memo:
+        memo["constant_users"] = _users_by_tensor(gm, memo.setdefault("lookups", {}))
+    return memo["constant_users"].get(id(tensor), 0)
+
+
+def _users_by_tensor(gm: fx.GraphModule, lookups: dict) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for other in gm.graph.find_nodes(op="get_attr"):
+        tensor = _lookup(gm, other.target, lookups)
+        if isinstance(tensor, torch.Tensor):
+            counts[id(tensor)] = counts.get(id(tensor), 0) + len(other.users)
+    return counts
+
+
+def _lookup(gm: fx.GraphModule, target: str, lookups: dict) -> Any:
+    """`get_attribute(gm, target)`, remembering in `lookups` the table (parameters, buffers or
+    attributes of its module) that holds it; a remembered entry is used only while that table
+    still holds the same object."""
+    known = lookups.get(target)
+    if known is not None and known[0].get(known[1]) is known[2]:
+        return known[2]
+    path, _, leaf = target.rpartition(".")
+    owner = get_attribute(gm, path) if path else gm
+    value = _child(owner, leaf) if owner is not None else None
+    if isinstance(owner, nn.Module) and value is not None:
+        state = vars(owner)
+        for table in (state.get("_parameters", {}), state.get("_buffers", {}), state):
+            if table.get(leaf) is value:
+                lookups[target] = (table, leaf, value)
+                break
+    return value
 
 
 def owns_weights(gm: fx.GraphModule, weight: Any, bias: Any = None) -> bool:
@@ -180,6 +218,35 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
             delattr(owner, leaf)
 
 
+# The graph a rewrite scan is reading, with the whole-graph analyses computed for it so far.
+_READING: ContextVar[tuple[fx.Graph, dict] | None] = ContextVar("fxopt_reading", default=None)
+
+
+@contextlib.contextmanager
+def unchanged(gm: fx.GraphModule, memo: dict) -> Iterator[None]:
+    """Promise that `gm` is not edited inside the block, so whole-graph analyses
+    (`mutated_nodes`, `constant_users`) are computed once into `memo` and reused. The rewrite
+    driver holds this while patterns match and checks (pure) run, and calls `edited(memo)`
+    after each build."""
+    token = _READING.set((gm.graph, memo))
+    try:
+        yield
+    finally:
+        _READING.reset(token)
+
+
+def edited(memo: dict) -> None:
+    """Forget the analyses in `memo` after the graph may have changed. Attribute lookups stay:
+    each is checked against the table holding it when it is used."""
+    for analysis in ("mutated_nodes", "constant_users"):
+        memo.pop(analysis, None)
+
+
+def _memo(gm: fx.GraphModule) -> dict | None:
+    reading = _READING.get()
+    return reading[1] if reading is not None and reading[0] is gm.graph else None
+
+
 def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` with its own graph that shares the weight tensors (passes never edit
     tensors in place, so sharing is safe and the copy is cheap)."""
@@ -193,19 +260,40 @@ def get_attribute(gm: fx.GraphModule, target: str) -> Any:
     """The object at dotted path `target` under `gm`, or None."""
     value: Any = gm
     for part in target.split("."):
-        value = getattr(value, part, None)
+        value = _child(value, part)
         if value is None:
             return None
     return value
 
 
-def mutated_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+def _child(owner: Any, name: str) -> Any:
+    """`getattr(owner, name, None)`, reading a module's parameter, buffer and submodule tables
+    directly: `nn.Module.__getattr__` is slow, and passes look weights up at every node."""
+    if isinstance(owner, nn.Module):
+        state = owner.__dict__
+        for table in ("_modules", "_parameters", "_buffers"):  # one name is in one table at most
+            found = state.get(table, {}).get(name)
+            if found is not None:
+                return found
+    return getattr(owner, name, None)
+
+
+def mutated_nodes(gm: fx.GraphModule) -> set[fx.Node] | frozenset[fx.Node]:
     """Nodes whose tensor an in-place op may write: every value written, with every value that
     may share its memory (views of it, what it is a view of, ops that may return an input).
 
     A pass that replaces a node by an equal value, or reads a constant's value at rewrite time,
     is only sound outside this set.
     """
+    memo = _memo(gm)
+    if memo is None:
+        return _mutated_nodes(gm)
+    if "mutated_nodes" not in memo:
+        memo["mutated_nodes"] = frozenset(_mutated_nodes(gm))
+    return memo["mutated_nodes"]
+
+
+def _mutated_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     parent: dict[fx.Node, fx.Node] = {}
 
     def find(node: fx.Node) -> fx.Node:
@@ -213,12 +301,11 @@ def mutated_nodes(gm: fx.GraphModule) -> set[fx.Node]:
             node = parent[node]
         return node
 
-    written: list[fx.Node] = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        for input_node in _written_inputs(node):
-            written.append(input_node)
+    calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+    written = [input_node for node in calls for input_node in _written_inputs(node)]
+    if not written:  # a functional graph (the usual case after capture): no alias analysis
+        return set()
+    for node in calls:
         if _may_alias_inputs(node):
             for input_node in node.all_input_nodes:
                 parent[find(input_node)] = find(node)

@@ -12,12 +12,13 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from .checkpoint import checkpoint, restore, written_in_place
 from .errors import InputError, VerificationError
-from .graph import clean, snapshot
+from .graph import clean
 from .registry import get_pass
 from .report import PassRecord, Report
 from .rewrite import PassResult
-from .verify import check
+from .verify import check_against, outputs
 
 log = logging.getLogger("fxopt")
 
@@ -89,9 +90,17 @@ def run_passes(
     report: Report,
     verify: bool = True,
     approximate_max_error: float | None = None,
+    expected: list | None = None,
 ) -> fx.GraphModule:
     """Run each pass on `gm`; with `verify`, check it against the graph before it on `inputs`
     and roll it back when it fails. Returns the final graph module.
+
+    The graph's outputs on `inputs` are computed once, before any pass runs (or given as
+    `expected`, from `fxopt.verify.outputs`), and copied, so no pass can reach them; a pass that
+    changes the graph is checked against the outputs of the graph before it, which the new
+    graph's outputs then replace. A pass that reports no change is not run on the inputs; one
+    that wrote into a tensor the graph before it reads raises VerificationError, since no
+    rollback can undo that.
 
     An exact pass fails when it exceeds the floating-point tolerance. An approximate pass
     (``exact=False``) is not held to that tolerance: its error on the example inputs
@@ -99,37 +108,92 @@ def run_passes(
     L2), and it is rolled back only when the relative L2 error exceeds `approximate_max_error`
     (default `APPROXIMATE_MAX_ERROR`) or its output is not finite."""
     limit = APPROXIMATE_MAX_ERROR if approximate_max_error is None else approximate_max_error
-    records = []
+    if verify and expected is None:
+        expected = outputs(gm, inputs)
+    records, saved = [], None
     for name in names:
-        info = get_pass(name)
-        before = snapshot(gm) if verify else None
-        start = time.perf_counter()
-        record = PassRecord(name, "no change", exact=info.exact)
-        try:
-            result = info.fn(gm)
-            gm = clean(result.graph_module)
-            record.applied = {k: v for k, v in result.applied.items() if v}
-            declined = getattr(result, "declined", None) or {}
-            record.declined = {rule: list(misses) for rule, misses in declined.items() if misses}
-            record.summary = dict(getattr(result, "summary", None) or {})
-            record.status = "applied" if result.modified else "no change"
-            if verify and result.modified and info.exact:
-                record.max_error = check(before, gm, inputs)
-            elif verify and result.modified:
-                record.error = approximation_error(before, gm, inputs)
-                record.max_error = max(e["max_abs"] for e in record.error.values())
-                _check_limit(record.error, limit)
-        except Exception as error:  # a failing pass is rolled back, never fatal
-            record.status = "rolled back" if isinstance(error, VerificationError) else "failed"
-            record.message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-            log.warning("fxopt: pass %s %s: %s", name, record.status, record.message)
-            if before is None:
-                raise
-            gm = before
-        record.seconds = time.perf_counter() - start
+        record = PassRecord(name, "no change", exact=get_pass(name).exact)
+        if verify and saved is None:  # a pass that changes nothing leaves the checkpoint valid
+            start = time.perf_counter()
+            saved = checkpoint(gm)
+            record.verify_seconds = time.perf_counter() - start
+        before = gm
+        gm, expected = _run_pass(gm, record, inputs, expected, saved, limit)
+        if record.status != "no change" or gm is not before:  # changed, or `saved` restored
+            saved = None
         records.append(record)
     report.add_run(records)
+    seconds = report.seconds
+    seconds["rewrite"] = seconds.get("rewrite", 0.0) + sum(r.seconds for r in records)
+    seconds["verify"] = seconds.get("verify", 0.0) + sum(r.verify_seconds for r in records)
     return gm
+
+
+def _run_pass(gm: fx.GraphModule, record: PassRecord, inputs, expected, saved, limit):
+    """Run one pass, filling `record`; verify it and roll it back to `saved` (a checkpoint of
+    `gm`) unless `saved` is None. Returns the graph and the outputs the next pass is checked
+    against."""
+    info, original, written = get_pass(record.name), gm, None
+    start, checking = time.perf_counter(), 0.0
+    try:
+        result = info.fn(gm)
+        written = written_in_place(saved) if saved is not None else []
+        gm = clean(result.graph_module) if result.modified else result.graph_module
+        _describe(record, result)
+        if written and not result.modified:
+            raise VerificationError(f"it reports no change but wrote into {_names(written)}")
+        if saved is not None and result.modified:
+            verified = time.perf_counter()
+            expected = _verify(record, info.exact, gm, expected, inputs, limit)
+            checking += time.perf_counter() - verified
+    except Exception as error:  # a failing pass is rolled back, never fatal
+        record.status = "rolled back" if isinstance(error, VerificationError) else "failed"
+        record.message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        log.warning("fxopt: pass %s %s: %s", record.name, record.status, record.message)
+        if saved is None:
+            raise
+        rollback = time.perf_counter()
+        _check_restorable(record, written_in_place(saved) if written is None else written)
+        gm = restore(original, saved)
+        checking += time.perf_counter() - rollback
+    record.seconds = time.perf_counter() - start - checking
+    record.verify_seconds += checking
+    return gm, expected
+
+
+def _describe(record: PassRecord, result: PassResult) -> None:
+    record.applied = {k: v for k, v in result.applied.items() if v}
+    declined = getattr(result, "declined", None) or {}
+    record.declined = {rule: list(misses) for rule, misses in declined.items() if misses}
+    record.summary = dict(getattr(result, "summary", None) or {})
+    record.status = "applied" if result.modified else "no change"
+
+
+def _verify(record: PassRecord, exact: bool, gm, expected: list, inputs, limit: float) -> list:
+    """Check `gm` against the outputs of the graph before the pass; return `gm`'s outputs."""
+    if exact:
+        record.max_error, found = check_against(expected, gm, inputs)
+        return found
+    found = outputs(gm, inputs)
+    record.error = _errors(expected, found)
+    record.max_error = max(e["max_abs"] for e in record.error.values())
+    _check_limit(record.error, limit)
+    return found
+
+
+def _check_restorable(record: PassRecord, written: list[str]) -> None:
+    if written:
+        raise VerificationError(
+            f"pass {record.name} failed ({record.message}) after writing into "
+            f"{_names(written)} in place; the graph before it reads the same tensors, so it "
+            "cannot be rolled back. A pass must leave the tensors it reads unchanged and add "
+            "new ones (fxopt.graph.add_constant)"
+        )
+
+
+def _names(written: list[str]) -> str:
+    more = f" and {len(written) - 3} more" if len(written) > 3 else ""
+    return ", ".join(written[:3]) + more
 
 
 def approximation_error(
@@ -138,13 +202,16 @@ def approximation_error(
     """Max abs and relative L2 error of `candidate` against `reference`: on ``inputs[0]`` (the
     example) and the worst over the remaining sets ("random"). Raises VerificationError when an
     output is not finite or its structure differs."""
+    return _errors(outputs(reference, inputs), outputs(candidate, inputs))
+
+
+def _errors(expected: list, actual: list) -> dict[str, dict[str, float]]:
     errors: dict[str, dict[str, float]] = {}
-    with torch.no_grad():
-        for i, args in enumerate(inputs):
-            key = "example" if i == 0 else "random"
-            found = output_error(reference(*args), candidate(*args))
-            old = errors.get(key, {"max_abs": 0.0, "rel_l2": 0.0})
-            errors[key] = {k: max(old[k], found[k]) for k in old}
+    for i, (reference, found) in enumerate(zip(expected, actual, strict=True)):
+        key = "example" if i == 0 else "random"
+        error = output_error(reference, found)
+        old = errors.get(key, {"max_abs": 0.0, "rel_l2": 0.0})
+        errors[key] = {k: max(old[k], error[k]) for k in old}
     return errors
 
 
@@ -181,13 +248,14 @@ def _check_limit(errors: dict[str, dict[str, float]], limit: float) -> None:
             )
 
 
-def final_error(reference: Callable, candidate: Callable, inputs: Sequence[tuple], report: Report):
-    """The end-to-end check of the optimized model against eager: exact (raises on a mismatch)
-    unless an approximate pass was applied; then the worst max abs error, with the relative L2
-    error noted in the report."""
+def final_error(reference, candidate: Callable, inputs: Sequence[tuple], report: Report):
+    """The end-to-end check of the optimized model against eager (`reference`, or its outputs
+    from `fxopt.verify.outputs`): exact (raises on a mismatch) unless an approximate pass was
+    applied; then the worst max abs error, with the relative L2 error noted in the report."""
+    expected = reference if isinstance(reference, list) else outputs(reference, inputs)
     if all(p.exact or p.status != "applied" for p in report.passes):
-        return check(reference, candidate, inputs)
-    errors = approximation_error(reference, candidate, inputs)
+        return check_against(expected, candidate, inputs)[0]
+    errors = _errors(expected, outputs(candidate, inputs))
     rel = max(e["rel_l2"] for e in errors.values())
     report.notes.append(f"approximate passes applied: end-to-end relative L2 error {rel:.2e}")
     return max(e["max_abs"] for e in errors.values())

@@ -13,7 +13,8 @@ class PassRecord:
     name: str
     status: str  # "applied" | "no change" | "rolled back" | "failed"
     applied: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the pass's own time: rewriting the graph
+    verify_seconds: float = 0.0  # checking it against the graph before it (and rolling back)
     max_error: float | None = None
     message: str | None = None
     declined: dict[str, list[str]] = field(default_factory=dict)  # rule -> "node: reason"
@@ -50,6 +51,7 @@ class Report:
                 known = old.declined.setdefault(rule, [])
                 known += [m for m in misses if m not in known]
             old.seconds += new.seconds
+            old.verify_seconds += new.verify_seconds
             old.max_error = _max(old.max_error, new.max_error)
             for key, error in new.error.items():
                 known_error = old.error.setdefault(key, dict(error))
@@ -86,14 +88,16 @@ def _render(r: Report) -> list[str]:
     lines += [f"  note: {n}" for n in r.notes]
     lines += [f"  graph break: {b}" for b in r.graph_breaks]
     w = max([22, *(len(p.name) for p in r.passes)])
-    columns = f"{'status':<12} {'time':>8} {'max err':>9} {'declined':>8}  rules fired"
+    columns = (
+        f"{'status':<12} {'rewrite':>8} {'verify':>8} {'max err':>9} {'declined':>8}  rules fired"
+    )
     header = f"  {'pass':<{w}} {columns}"
     lines += ["", header]
     for p in r.passes:
         fired = ", ".join(f"{k} x{v}" for k, v in p.applied.items()) or "-"
         err = "-" if p.max_error is None else f"{p.max_error:.1e}"
         misses = sum(len(m) for m in p.declined.values()) or "-"
-        time_ms = f"{p.seconds * 1e3:>6.1f}ms"
+        time_ms = f"{_ms(p.seconds)} {_ms(p.verify_seconds)}"
         lines.append(f"  {p.name:<{w}} {p.status:<12} {time_ms} {err:>9} {misses:>8}  {fired}")
         if p.message:
             lines.append(f"  {'':<{w}} {p.message}")
@@ -107,6 +111,10 @@ def _render(r: Report) -> list[str]:
     for c in r.calibration:
         lines.append(f"  calibration: {_describe_calibration(c)}")
     return lines
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:>6.1f}ms" if seconds else f"{'-':>8}"
 
 
 def _describe_approximation(p: PassRecord) -> str:

@@ -1,10 +1,11 @@
 """Rules and the greedy driver that applies them until nothing changes.
 
 A rule is data: a name, a pattern, a pure `check`, and a `build` that writes the replacement (or
-declines), or a `replacement` function inlined in place of the match. The driver walks the graph,
-tries every rule at every node, and stops at a fixed point. A rule set that keeps firing forever
-is a bug and raises. Matches that a check or build declined in the final graph are the pass's
-near-misses (`PassResult.declined`), each with the reason it gave.
+declines), or a `replacement` function inlined in place of the match. The driver walks the graph
+in order, tries every rule at every node, fires each one that applies, and walks again until a
+walk fires nothing: a fixed point. A rule set that keeps firing forever is a bug and raises.
+Matches that a check or build declined in the final graph are the pass's near-misses
+(`PassResult.declined`), each with the reason it gave.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
 from .errors import InputError, RewriteError
-from .graph import add_constant, call, clean, erase_dead, get_attribute, is_op, val
+from .graph import (
+    add_constant,
+    call,
+    clean,
+    edited,
+    erase_dead,
+    get_attribute,
+    is_op,
+    unchanged,
+    val,
+)
 from .pattern import Pattern
 from .pattern_trace import Traced, first_line, trace_replacement
 
@@ -155,51 +166,59 @@ def _alternatives(ops: Any) -> tuple:
 
 def rewrite(gm: fx.GraphModule, rules: Sequence[Rule], max_rounds: int | None = None) -> PassResult:
     """Apply `rules` greedily until none fires; return what fired and how often, and the
-    near-misses of the final graph."""
+    near-misses of the final graph. `max_rounds` bounds the number of rewrites."""
     applied: Counter[str] = Counter()
     limit = max_rounds if max_rounds is not None else 4 * len(gm.graph.nodes) + 16
-    for _ in range(limit):
+    while True:
         declined: dict[str, list[tuple]] = {}
-        fired = _apply_once(gm, rules, declined)
-        if fired is None:
+        if not _walk(gm, rules, declined, applied, limit):
             near_misses = {rule: [_near_miss(*m) for m in ms] for rule, ms in declined.items()}
             if applied:
                 clean(gm)
             return PassResult(gm, bool(applied), dict(applied), near_misses)
-        applied[fired] += 1
-    raise RewriteError(
-        f"rules did not settle after {limit} rewrites (last to fire: {fired!r}); "
-        "a rule that undoes another, or that matches its own output, is a bug"
-    )
 
 
-def _apply_once(gm: fx.GraphModule, rules: Sequence[Rule], declined: dict) -> str | None:
-    """Fire the first rule that matches and builds; note the declined matches in `declined`.
+def _walk(
+    gm: fx.GraphModule, rules: Sequence[Rule], declined: dict, applied: Counter, limit: int
+) -> bool:
+    """Walk the graph once in order, firing every rule that matches and builds (a rewrite's
+    own nodes are visited by the next walk); note the declined matches in `declined`. Return
+    whether anything fired.
 
-    Only the last walk (the one where nothing fires) sees every node, so only its notes are kept
-    (and formatted).
+    Only the last walk (the one where nothing fires) sees every node unchanged, so only its
+    notes are kept (and formatted).
     """
+    fired, memo = False, {}
     for node in list(gm.graph.nodes):
-        if not node.users:  # nothing reads it: replacing it changes nothing (and would repeat)
+        if node._erased or not node.users:  # nothing reads it: replacing it changes nothing
             continue
         for rule in rules:
-            match = rule.match(gm, node)
+            with unchanged(gm, memo):  # matching and checks are pure: analyses are shared
+                match = rule.match(gm, node)
+                verdict = rule.check(match) if match is not None else None
             if match is None:
                 continue
-            verdict = rule.check(match)
             if not verdict:
                 declined.setdefault(rule.name, []).append((node, verdict, "check", rule.check))
                 continue
             with gm.graph.inserting_before(match.root):
                 replacement = rule.build(match)
+            edited(memo)  # a build may edit the graph, even one that declines and undoes it
             if replacement is None or isinstance(replacement, Declined):
                 declined.setdefault(rule.name, []).append((node, replacement, "build", rule.build))
                 continue
             replacement.meta.setdefault("stack_trace", match.root.meta.get("stack_trace"))
             match.root.replace_all_uses_with(replacement)
             erase_dead(gm, match.root)
-            return rule.name
-    return None
+            fired = True
+            applied[rule.name] += 1
+            if sum(applied.values()) >= limit:
+                raise RewriteError(
+                    f"rules did not settle after {limit} rewrites (last to fire: {rule.name!r}); "
+                    "a rule that undoes another, or that matches its own output, is a bug"
+                )
+            break  # `node` is replaced: its other rules see the new graph on the next walk
+    return fired
 
 
 def _near_miss(node: fx.Node, verdict: Any, role: str, fn: Callable) -> str:

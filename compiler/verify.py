@@ -107,6 +107,41 @@ def input_sets(example: tuple, n_random: int = 2, other_batch: int | None = None
     return sets
 
 
+def outputs(fn: Callable, inputs: Sequence[tuple]) -> list:
+    """`fn`'s outputs on every input set, copied: a later in-place edit of a tensor `fn` reads
+    (a weight it returns, say) cannot reach them."""
+    with torch.no_grad():
+        return [_copy(fn(*args)) for args in inputs]
+
+
+def check_against(
+    expected: Sequence,
+    candidate: Callable,
+    inputs: Sequence[tuple],
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> tuple[float, list]:
+    """`check` against outputs computed earlier (`outputs`): run `candidate` on every input
+    set, compare with `expected`, stop at the first mismatch (VerificationError). Returns the
+    worst absolute error and the candidate's outputs, copied, to check the next graph against."""
+    worst, found = 0.0, []
+    with torch.no_grad():
+        for i, (args, reference) in enumerate(zip(inputs, expected, strict=True)):
+            actual = _copy(candidate(*args))
+            try:
+                worst = max(worst, max_error(reference, actual, rtol, atol))
+            except VerificationError as error:
+                raise VerificationError(f"input set {i}: {error}") from None
+            found.append(actual)
+    return worst, found
+
+
+def _copy(output):
+    return pytree.tree_map(
+        lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, output
+    )
+
+
 def check(
     reference: Callable,
     candidate: Callable,

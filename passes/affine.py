@@ -36,7 +36,8 @@ def scale_output_channels(
     """
     if not transposed:
         shape = (-1,) + (1,) * (weight.dim() - 1)
-        return (weight.double() * scale.double().reshape(shape)).to(weight.dtype)
+        scaled = weight.detach().to(torch.float64, copy=True)  # a copy even of a float64 weight
+        return scaled.mul_(scale.detach().double().reshape(shape)).to(weight.dtype)
     in_channels, out_per_group = weight.shape[:2]
     kernel = weight.shape[2:]
     blocks = weight.double().reshape(groups, in_channels // groups, out_per_group, *kernel)

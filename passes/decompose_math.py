@@ -53,6 +53,41 @@ def numerical_rank(singular: torch.Tensor, eps: float) -> int:
     return next((r for r in range(len(singular)) if tails[r] <= bound), len(singular))
 
 
+def rank_exceeds(kernel: torch.Tensor, groups: int, rank: int, order: str = "w") -> bool:
+    """Whether the numerical rank `separable_factors` finds is certainly above `rank`, without
+    an SVD: some group's matrix M[(o, h), (i, w)] has a square block of `rank` + 1 rows and
+    columns whose smallest singular value, squared, exceeds the tolerance by more than rounding
+    (a Cholesky factorization of its shifted Gram matrix succeeds). Deleting rows or columns
+    only lowers singular values, so the energy beyond the first `rank` singular values of the
+    whole matrix is at least that. False when this does not settle it."""
+    taps = kernel.detach() if order == "w" else kernel.detach().transpose(2, 3)
+    out, per_group, kh, kw = taps.shape
+    size = rank + 1
+    if size > min(out // groups * kh, per_group * kw):
+        return False
+    rows = torch.arange(size) * (out // groups * kh) // size  # spread over the matrix
+    columns = torch.arange(size) * (per_group * kw) // size
+    first = (torch.arange(groups) * (out // groups))[:, None, None]  # each group's first output
+    o, h = (rows // kh)[None, :, None], (rows % kh)[None, :, None]
+    i, w = columns // kw, columns % kw
+    block = taps[first + o, i, h, w].double()  # (groups, size, size)
+    flat = kernel.detach().reshape(groups, -1)  # each group's energy, in either order
+    total = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) ** 2
+    bound = (RANK_TOLERANCE_ULPS * torch.finfo(kernel.dtype).eps) ** 2 * total
+    # the Gram product's and the factorization's rounding (Higham, Thm 10.3), twice over
+    slack = 8 * (size + 2) * torch.finfo(torch.float64).eps * block.pow(2).sum((1, 2))
+    shift = (bound + slack)[:, None, None] * torch.eye(size, dtype=torch.float64)
+    _, info = torch.linalg.cholesky_ex(block.mT @ block - shift)
+    return bool((info == 0).any())
+
+
+def _separable_matrices(kernel: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each group's kernel as the float64 matrix M[(o, h), (i, w)]."""
+    out, per_group, kh, kw = kernel.shape
+    matrices = kernel.double().reshape(groups, out // groups, per_group, kh, kw)
+    return matrices.permute(0, 1, 3, 2, 4).reshape(groups, out // groups * kh, per_group * kw)
+
+
 def separable_factors(kernel: torch.Tensor, groups: int, order: str = "w") -> Factors:
     """Factor each group's kernel, read as the matrix M[(o, h), (i, w)], by its SVD truncated at
     its numerical rank; every group gets the largest rank of any group (zero columns pad the
@@ -62,8 +97,7 @@ def separable_factors(kernel: torch.Tensor, groups: int, order: str = "w") -> Fa
         return Factors(f.first.transpose(2, 3), f.second.transpose(2, 3), f.rank, "h")
     out, per_group, kh, kw = kernel.shape
     eps = torch.finfo(kernel.dtype).eps
-    matrices = kernel.double().reshape(groups, out // groups, per_group, kh, kw)
-    matrices = matrices.permute(0, 1, 3, 2, 4).reshape(groups, out // groups * kh, per_group * kw)
+    matrices = _separable_matrices(kernel, groups)
     u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
     rank = max(1, max(numerical_rank(values, eps) for values in s))
     root = s[:, :rank].sqrt()
@@ -101,9 +135,15 @@ class Grid:
 def tap_grid(kernel: torch.Tensor) -> Grid | None:
     """The coarsest grid holding every nonzero tap of `kernel`, or None when it is all zero."""
     starts, stops, steps = [], [], []
-    for axis in range(2, kernel.dim()):
-        others = [d for d in range(kernel.dim()) if d != axis]
-        used = torch.nonzero(kernel.ne(0).any(dim=others) if others else kernel.ne(0))
+    if kernel.dim() <= 2:
+        return Grid((), (), ())
+    taps = kernel.flatten(0, 1)  # one (out, in) slice per row
+    first = taps[0].ne(0) if len(taps) else None
+    # where one slice uses every tap (as a trained dense kernel does), so does the kernel
+    used_taps = first if first is not None and bool(first.all()) else taps.ne(0).any(0)
+    for axis in range(used_taps.dim()):
+        others = [d for d in range(used_taps.dim()) if d != axis]
+        used = torch.nonzero(used_taps.any(dim=others) if others else used_taps)
         if used.numel() == 0:
             return None
         indices = used.flatten().tolist()

@@ -36,9 +36,11 @@ from fxopt.graph import (
     clean,
     constant,
     constant_users,
+    edited,
     erase_dead,
     is_op,
     mutated_nodes,
+    unchanged,
     val,
 )
 from fxopt.ops import CONVS, conv, replaced_args
@@ -191,16 +193,20 @@ def fuse_horizontal(gm: fx.GraphModule) -> PassResult:
     applied: Counter[str] = Counter()
     written = mutated_nodes(gm)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    memo: dict = {}  # weight users are counted once per graph state, not once per node
     for x in list(gm.graph.nodes):
         if x in written:
             continue
-        for group in sibling_groups(gm, x, order):
+        with unchanged(gm, memo):
+            groups = sibling_groups(gm, x, order)
+        for group in groups:
             group = viewable([n for n in group if not {n, *n.all_input_nodes} & written])
             if len(group) < 2:
                 continue
             has_bias = any(weight_and_bias(n)[1] is not None for n in group)
             if cheaper(x, group, has_bias):
                 fuse(gm, group)
+                edited(memo)
                 applied["sibling-linears" if is_op(group[0], aten.linear) else "sibling-convs"] += 1
     if applied:
         clean(gm)

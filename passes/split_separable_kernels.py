@@ -52,6 +52,7 @@ from .decompose_math import (
     MULTIPLIER_FLOP_PENALTY,
     Factors,
     conv_price,
+    rank_exceeds,
     separable_factors,
 )
 
@@ -72,13 +73,62 @@ def plan(gm: fx.GraphModule, node: fx.Node) -> Factors | Declined:
     out, per_group, kh, kw = weight.shape
     if {node, node.args[0], c.weight} & mutated_nodes(gm) or weight.dtype != val(node).dtype:
         return decline("the input or weight is written in place, or dtypes differ")
+    no_saving = saving_limit(weight.shape, c.groups)
+    settled = certain_decline(node, c, weight, no_saving)
+    if settled is not None:
+        return settled
     options = [separable_factors(weight, c.groups, order) for order in ("w", "h")]
     best = min(options, key=lambda f: split_price(node, c, f))
-    if best.rank * (per_group * kw + out // c.groups * kh) >= out // c.groups * per_group * kh * kw:
+    if best.rank >= no_saving:
         return decline(f"rank {best.rank} saves no FLOPs over the {kh}x{kw} kernel")
     if split_price(node, c, best) > node_roofline(node):
         return decline(f"rank {best.rank}: two band convs cost more than one {kh}x{kw} conv")
     return best
+
+
+def saving_limit(shape, groups: int) -> int:
+    """The smallest rank at which the two band convs do no fewer FLOPs than the kernel."""
+    out, per_group, kh, kw = shape
+    out_per_group = out // groups
+    return -(-out_per_group * per_group * kh * kw // (per_group * kw + out_per_group * kh))
+
+
+# Ranks up to this are certified at the FLOP limit itself, so the decline says so; above it, at
+# the (smaller, cheaper to certify) rank where the split starts to cost more.
+CERTIFY_AT_FLOP_LIMIT = 128
+
+
+def certain_decline(node: fx.Node, c: Conv, weight: torch.Tensor, no_saving: int):
+    """The decline `plan` would reach, settled without an SVD where each order's rank certainly
+    reaches a rank whose split saves no FLOPs or costs more (`rank_exceeds`); else None. An SVD
+    of a 3x3 kernel with 512 channels takes seconds; the certificate a few tens of ms."""
+    kh, kw = weight.shape[2:]
+    limits = dict.fromkeys(("w", "h"), no_saving)
+    if no_saving > CERTIFY_AT_FLOP_LIMIT:
+        limits = {order: costly_rank(node, c, order, no_saving) for order in limits}
+    if not all(rank_exceeds(weight, c.groups, rank - 1, order) for order, rank in limits.items()):
+        return None
+    rank = min(limits.values())
+    if rank == no_saving:
+        return decline(f"rank {rank} or more saves no FLOPs over the {kh}x{kw} kernel")
+    return decline(f"rank {rank} or more: two band convs cost more than one {kh}x{kw} conv")
+
+
+def costly_rank(node: fx.Node, c: Conv, order: str, limit: int) -> int:
+    """The smallest rank (at most `limit`) whose band convs in `order` cost more than the conv
+    (the price grows with the rank: a binary search over factor shapes alone)."""
+    out, per_group, kh, kw = val(c.weight).shape
+    roof, low, high = node_roofline(node), 1, limit
+    while low < high:
+        rank = (low + high) // 2
+        band = (1, kw) if order == "w" else (kh, 1)
+        first = torch.empty(c.groups * rank, per_group, *band, device="meta")
+        second = torch.empty(out, rank, *reversed(band), device="meta")
+        if split_price(node, c, Factors(first, second, rank, order)) > roof:
+            high = rank
+        else:
+            low = rank + 1
+    return low
 
 
 def split_price(node: fx.Node, c: Conv, factors: Factors) -> float:

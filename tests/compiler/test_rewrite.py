@@ -69,3 +69,57 @@ def test_register_pass_makes_a_user_pass_listed_and_resolvable():
     assert info.exact and info.description.startswith("test_identity_pass")
     assert "test_identity_pass" in [p.name for p in list_passes()]
     assert "fold_conv_bn" in [p.name for p in list_passes()]
+
+
+class ReluChain(nn.Module):
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+
+    def forward(self, x):
+        for _ in range(self.length):
+            x = torch.relu(x) * 2
+        return x
+
+
+def test_rewrite_fires_every_match_of_one_walk_instead_of_rescanning_after_each():
+    gm = graph_of(ReluChain(30), torch.randn(2, 3))
+    checked = []
+
+    def check(match):
+        checked.append(match.root)
+        return True
+
+    rule = Rule(
+        "relu-neg",
+        pattern=(aten.relu,),
+        check=check,
+        build=lambda m: call(m.gm, aten.neg.default, (m.root.args[0],)),
+    )
+    result = rewrite(gm, [rule])
+    assert result.applied == {"relu-neg": 30}
+    assert len(checked) == 30  # one walk fires all 30; the second finds no relu to check
+    assert count_ops(result.graph_module, aten.relu) == 0
+
+
+def test_rewrite_reaches_matches_its_own_rewrites_create_on_a_later_walk():
+    gm = graph_of(ReluChain(3), torch.randn(2, 3))
+    rules = [
+        # relu => neg, then mul(neg(x), 2) => neg(mul(x, 2)): each walk moves the negs on
+        Rule(
+            "relu-neg",
+            pattern=(aten.relu,),
+            build=lambda m: call(m.gm, aten.neg.default, (m.root.args[0],)),
+        ),
+        Rule(
+            "neg-mul",
+            pattern=(aten.neg, aten.mul),
+            build=lambda m: call(
+                m.gm, aten.neg.default, (call(m.gm, aten.mul.Tensor, (m[0].args[0], 2)),)
+            ),
+        ),
+    ]
+    result = rewrite(gm, rules)
+    assert result.applied == {"relu-neg": 3, "neg-mul": 6}
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(result.graph_module(x), -x * 8)

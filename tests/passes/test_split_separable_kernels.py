@@ -13,6 +13,7 @@ from fxopt.passes.decompose_math import (
     Factors,
     compose_separable,
     numerical_rank,
+    rank_exceeds,
     separable_factors,
 )
 from fxopt.passes.split_separable_kernels import split_separable_kernels
@@ -73,6 +74,38 @@ def test_separable_factors_compose_back_to_the_kernel(groups, order):
     factors = separable_factors(kernel, groups, order)
     assert factors.rank == 2 or order == "h"  # the other reading of the kernel has its own rank
     torch.testing.assert_close(compose_separable(factors, groups), kernel, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([1, 2, 4]),
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.integers(2, 5),
+    st.integers(2, 5),
+    st.integers(1, 12),
+    st.sampled_from(["w", "h"]),
+    st.integers(0, 2**16),
+)
+def test_rank_exceeds_never_claims_more_than_the_rank_the_svd_finds(
+    groups, out_per_group, per_group, kh, kw, rank, order, seed
+):
+    rank = min(rank, out_per_group * kh, per_group * kw)
+    kernel = low_rank(out_per_group * groups, per_group, kh, kw, rank, groups, seed)
+    exact = separable_factors(kernel, groups, order).rank
+    claimed = [
+        r
+        for r in range(out_per_group * kh * per_group * kw)
+        if rank_exceeds(kernel, groups, r, order)
+    ]
+    assert all(r < exact for r in claimed)
+
+
+def test_rank_exceeds_settles_a_dense_kernel_without_an_svd():
+    kernel = torch.randn(64, 64, 3, 3)
+    with mock.patch("torch.linalg.svd", side_effect=AssertionError("no SVD")):
+        assert rank_exceeds(kernel, 1, 95, "w") and rank_exceeds(kernel, 1, 95, "h")
+    assert not rank_exceeds(low_rank(64, 64, 3, 3, rank=8), 1, 8)
 
 
 def test_numerical_rank_sees_through_fp32_rounding_but_not_a_real_second_component():
@@ -252,6 +285,14 @@ def test_split_separable_kernels_declines_a_full_rank_kernel():
         FixedConv(torch.randn(16, 16, 3, 3), padding=1), torch.randn(1, 16, 8, 8)
     )
     assert ok and "saves no FLOPs" in declined["split-separable"][0]
+
+
+def test_split_separable_kernels_declines_a_large_dense_kernel_without_an_svd():
+    model = FixedConv(torch.randn(128, 128, 3, 3), padding=1)
+    with mock.patch.object(split_module, "separable_factors", side_effect=AssertionError):
+        ok, declined = unchanged(model, torch.randn(1, 128, 8, 8))
+    (reason,) = declined["split-separable"]
+    assert ok and "or more: two band convs cost more than one 3x3 conv" in reason
 
 
 def test_split_separable_kernels_declines_a_rank_that_does_not_pay():

@@ -32,7 +32,9 @@ def test_check_pass_takes_a_registered_name_and_counts_what_fired():
 )
 def test_check_pass_takes_rules(rules):
     summary = check_pass(rules, strategy=CONV_BN, max_examples=10, min_fired=1)
-    assert summary.name == "rules conv-bn"
+    names = [rules.name] if hasattr(rules, "name") else [rule.name for rule in rules]
+    assert summary.name == "rules " + ", ".join(names)
+    assert "conv-bn" in names
 
 
 @pytest.mark.parametrize(
