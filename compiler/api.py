@@ -19,6 +19,7 @@ from .errors import CaptureError, InputError, VerificationError
 from .finalize import InputSpec, finalize, input_spec
 from .graph import snapshot
 from .pipeline import final_error, resolve, run_passes
+from .precision import Float64Reference
 from .report import Report
 from .verify import input_sets, outputs
 
@@ -132,13 +133,14 @@ def optimize(
     # changes `work` too, since the graph shares its tensors
     expected = outputs(work, [inputs]) if verify else None
     eager = time.perf_counter() - t
-    gm = optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured))
+    reference = Float64Reference(gm) if verify else None  # the graph before any pass
+    gm = optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured), reference)
     t = time.perf_counter()
     fast = finalize(snapshot(gm))  # `gm` stays the readable ATen graph; `fast` is what runs
     report.seconds["finalize"] = time.perf_counter() - t
     if verify:
         t = time.perf_counter()
-        report.final_error = final_error(expected, fast, [inputs], report)
+        report.final_error = final_error(expected, fast, [inputs], report, (reference, gm))
         report.seconds["final check"] = eager + time.perf_counter() - t
     runner = _backend_runner(fast, backend, gm, inputs, target, captured.dynamic_batch, report)
     if verify and backend == "tvm" and runner is not fast:
@@ -149,7 +151,13 @@ def optimize(
 
 
 def optimize_graph(
-    gm: fx.GraphModule, inputs: tuple, names, verify: bool, report: Report, other: int | None
+    gm: fx.GraphModule,
+    inputs: tuple,
+    names,
+    verify: bool,
+    report: Report,
+    other: int | None,
+    reference: Float64Reference | None = None,
 ) -> fx.GraphModule:
     """Run the named passes on a captured graph, filling the report's statistics and times:
     "stats" (op counts and FLOPs before and after), "reference" (the captured graph's outputs
@@ -162,7 +170,7 @@ def optimize_graph(
     sets = input_sets(inputs, n_random=2, other_batch=other) if verify else []
     expected = outputs(gm, sets) if verify else None
     _add_seconds(report, "reference", t)
-    gm = run_passes(gm, names, sets, report, verify, expected=expected)
+    gm = run_passes(gm, names, sets, report, verify, expected=expected, reference=reference)
     t = time.perf_counter()
     report.after = _merge_stats(report.after, cost.stats(gm, inputs))
     _add_seconds(report, "stats", t)

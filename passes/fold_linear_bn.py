@@ -7,7 +7,9 @@ so it scales the weight's columns. Layout ops between the two (transpose, permut
 view, mean or adaptive average pooling over other axes: SLAB's
 `bn(x.transpose(1, 2)).transpose(1, 2)`, LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`, a
 pooled head) are followed, since a per-channel map commutes with them, as long as the norm's
-channel axis (dim 1) is the linear's feature axis (its last) throughout.
+channel axis (dim 1) is the linear's feature axis (its last) throughout. A norm whose output
+(after the layout ops) feeds several linears, such as EfficientFormerV2's head and distillation
+head on one pooled feature, folds into each of them.
 Declines when: the norm uses batch statistics (training mode or no running statistics), a value
 between the two ops has another user, the linear's weight or bias is not a constant or is shared
 with another op, a layout op mixes the channel axis with others, or the channel counts differ.
@@ -18,10 +20,10 @@ import torch
 from torch import fx
 
 from fxopt.graph import add_constant, arg, call, constant, erase_dead, is_op, owns_weights, val
-from fxopt.layout import axis_through, chain_back
+from fxopt.layout import axis_through, chain_back, follow_axis, value_users
 from fxopt.ops import BATCH_NORM, batch_norm, replaced_args
 from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rewrite import Match, PassResult, Rule, decline, rewrite
 
 from .affine import (
     affine_bias,
@@ -103,6 +105,56 @@ def fold_before(match: Match) -> fx.Node:
     return call(gm, linear.target, (linear.args[0], *args[1:]), kwargs)
 
 
+def norm_then_linears(node: fx.Node) -> list[fx.Node] | None:
+    """[bn, layout ops..., node] where `node`'s value is read by two or more linears (a head and
+    a distillation head on one pooled feature)."""
+    users = value_users(node)
+    if len(users) < 2 or not all(is_op(u, *LINEAR) and u.args[0] is node for u in users):
+        return None
+    return [node] if is_op(node, *BATCH_NORM) else chain_back(node, BATCH_NORM)
+
+
+def can_fold_before_each(match: Match):
+    """bn -> (layout ops) -> several linears: each reads the norm's channels as its features."""
+    gm, norm, shared = match.gm, match[0], match.root
+    bn, x, features = batch_norm(gm, norm), val(norm), val(shared)
+    if bn is None or x is None or features is None or x.dim() < 2:
+        return decline("not an eval-mode batch norm with known shapes")
+    axis = axis_through(match.nodes, 1)
+    if shared is not norm and axis is not None:
+        axis = follow_axis(shared, axis)
+    if axis != features.dim() - 1:
+        return decline("the norm's channels are not the linears' input features")
+    for linear in value_users(shared):
+        if not owns_linear(gm, linear):
+            return decline(f"{linear.name}'s weight or bias is not a constant it alone reads")
+        if _weight(gm, linear).shape[1] != bn.mean.numel():
+            return decline(f"{linear.name} takes {_weight(gm, linear).shape[1]} features")
+    return True
+
+
+def fold_before_each(match: Match) -> fx.Node:
+    """Each linear takes the norm's map; the layout ops read the norm's input. Returns the
+    shared value (the match's root), which stays."""
+    gm, norm, shared = match.gm, match[0], match.root
+    bn = batch_norm(gm, norm)
+    scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
+    source = arg(norm, 0, "input")
+    for linear in value_users(shared):
+        weight, bias = _weight(gm, linear), _bias(gm, linear)
+        args, kwargs = _with_weights(
+            gm, linear, scale_input_channels(weight, scale), input_shift_bias(weight, bias, shift)
+        )
+        with gm.graph.inserting_before(linear):
+            linear.replace_all_uses_with(call(gm, linear.target, args, kwargs))
+        erase_dead(gm, linear)
+    if shared is norm:
+        return source  # the driver replaces the norm
+    norm.replace_all_uses_with(source)
+    erase_dead(gm, norm)
+    return shared
+
+
 def _weight(gm: fx.GraphModule, linear: fx.Node) -> torch.Tensor:
     return constant(gm, arg(linear, 1, "weight"))
 
@@ -128,6 +180,10 @@ RULES = [
     Rule("linear-bn", pattern=linear_then_norm, check=can_fold_after, build=fold_after),
     # bn -> (layout ops) -> linear  =>  linear' (columns scaled, bias b + W @ t)
     Rule("bn-linear", pattern=norm_then_linear, check=can_fold_before, build=fold_before),
+    # bn -> (layout ops) -> linears (head and distillation head)  =>  each linear' as above
+    Rule(
+        "bn-linears", pattern=norm_then_linears, check=can_fold_before_each, build=fold_before_each
+    ),
 ]
 
 

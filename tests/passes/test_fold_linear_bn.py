@@ -406,3 +406,61 @@ def test_fold_linear_bn_declines_a_norm_before_max_pooling():
     result = apply_pass(fold_linear_bn, model, torch.randn(2, 5, 6, 6))
     assert result.applied == {}
     assert count_ops(result.graph_module, aten.batch_norm) == 1
+
+
+class NormHeads(nn.Module):
+    """EfficientFormerV2's head: BN -> spatial mean -> a head and a distillation head."""
+
+    def __init__(self, heads: int = 2, channels: int = 5, pooled: bool = True):
+        super().__init__()
+        self.pooled = pooled
+        self.bn = randomize_batch_norm((nn.BatchNorm2d if pooled else nn.BatchNorm1d)(channels))
+        self.heads = nn.ModuleList(nn.Linear(channels, 3) for _ in range(heads))
+
+    def forward(self, x):
+        x = self.bn(x)
+        x = x.mean(dim=(2, 3)) if self.pooled else x
+        return sum(head(x) for head in self.heads) / len(self.heads)
+
+
+class NormHeadsSharingAWeight(NormHeads):
+    def __init__(self):
+        super().__init__()
+        self.heads[1].weight = self.heads[0].weight
+
+
+class NormHeadsAndFeature(NormHeads):
+    """The pooled feature is returned too: the norm must stay."""
+
+    def forward(self, x):
+        feature = self.bn(x).mean(dim=(2, 3))
+        return self.heads[0](feature), self.heads[1](feature), feature
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["mean", "direct"])
+def test_fold_linear_bn_folds_a_norm_into_every_head_that_reads_it(pooled):
+    x = torch.randn(2, 5, 4, 4) if pooled else torch.randn(3, 5)
+    result = apply_pass(fold_linear_bn, NormHeads(pooled=pooled).eval(), x)
+    assert result.applied == {"bn-linears": 1}
+    assert count_ops(result.graph_module, aten.batch_norm) == 0
+    assert count_ops(result.graph_module, aten.linear) == 2
+    again = fold_linear_bn(result.graph_module)
+    assert not again.modified and again.applied == {}
+
+
+@settings(max_examples=15, deadline=None)
+@given(heads=st.integers(2, 4), channels=st.integers(1, 7), batch=st.integers(1, 3))
+def test_fold_linear_bn_property_norm_into_several_heads(heads, channels, batch):
+    model = NormHeads(heads, channels).eval()
+    result = apply_pass(fold_linear_bn, model, torch.randn(batch, channels, 3, 2))
+    assert result.applied == {"bn-linears": 1}
+
+
+@pytest.mark.parametrize("model", [NormHeadsSharingAWeight, NormHeadsAndFeature])
+def test_fold_linear_bn_declines_heads_it_cannot_all_fold(model):
+    x = torch.randn(2, 5, 4, 4)
+    gm = graph_of(model().eval(), x)
+    code = gm.code
+    result = fold_linear_bn(gm)
+    assert not result.modified and result.graph_module.code == code
+    assert count_ops(result.graph_module, aten.batch_norm) == 1
