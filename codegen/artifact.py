@@ -4,16 +4,23 @@
 the VM bytecode, the generated kernels (host code, and the CUDA fatbin for cuda targets), the
 weights (bound as constants at import, so they are baked into the library), and the call
 metadata (input dtypes and shapes, output structure, target) as the JSON returned by the
-library's `fxopt_metadata` function. There is no side file. `load` needs only the TVM runtime
-(`TVM_USE_RUNTIME_LIB=1` works).
+library's `fxopt_metadata` function. There is no side file: the library ends with a checksum
+trailer (`fxopt-sha256:` and the SHA-256 of every byte before it; the dynamic loader ignores bytes
+past the ELF segments). `load` checks it before the library is mapped, since a damaged library
+either crashes the process (SIGBUS, SIGSEGV) or returns garbage from damaged weights. `export`
+writes into a temporary folder next to the target and renames the library into place.
+`load` needs only the TVM runtime (`TVM_USE_RUNTIME_LIB=1` works).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from ..errors import FxoptError, InputError, UnsupportedError
+from ..errors import BuildError, FxoptError, InputError, UnsupportedError
 from . import tvm_api as tv
 from .lower import Built
 from .runtime import TVMModule
@@ -44,8 +51,15 @@ class Artifact:
         path = Path(path)
         if path.suffix != ".so":
             raise InputError(f"export path {str(path)!r} must end in .so (a shared library)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tv.export_library(self.built.executable, os.fspath(path))
+        folder = _reserve(path)
+        partial = os.path.join(folder, path.name)
+        try:
+            _write_library(self.built.executable, partial)
+            os.replace(partial, path)  # atomic: a reader never sees half a library
+        except OSError as error:
+            raise _unwritable(path, error) from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return path
 
     def source(self) -> str:
@@ -61,6 +75,7 @@ def load(path) -> TVMModule:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{str(path)!r} does not exist; export it with artifact.export(path)")
+    check_library(path)
     try:
         library = tv.load_library(os.fspath(path))
     except Exception as error:
@@ -79,6 +94,85 @@ def load(path) -> TVMModule:
         ) from error
 
 
+def _reserve(path: Path) -> str:
+    """A new folder next to `path` to write the library in (then renamed into place, so a
+    reader never sees half a library); InputError when the directory is not writable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent)
+    except OSError as error:
+        raise _unwritable(path, error) from None
+
+
+def _write_library(executable, path: str) -> None:
+    try:
+        tv.export_library(executable, path)
+    except Exception as error:  # the TVM export and the system linker fail in many types
+        raise BuildError(f"TVM could not write a library: {_first_line(error)}") from error
+    with open(path, "ab") as library:
+        library.write(_trailer(_digest(path, os.path.getsize(path))))
+
+
+CHECKSUM_TAG = b"fxopt-sha256:"
+_TRAILER_SIZE = len(CHECKSUM_TAG) + 64
+
+
+def check_library(path: Path) -> None:
+    """Raise InputError unless `path` ends with a checksum trailer matching its contents; the
+    check reads the file and never maps it, so a damaged library cannot crash the process."""
+    redo = "re-export it with fxopt.compile(model, inputs).export(path)"
+    try:
+        with open(path, "rb") as library:
+            size = library.seek(0, os.SEEK_END)
+            library.seek(max(0, size - _TRAILER_SIZE))
+            trailer = library.read()
+        tagged = trailer.startswith(CHECKSUM_TAG)
+        actual = _trailer(_digest(path, size - _TRAILER_SIZE)) if tagged else None
+    except OSError as error:
+        raise InputError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
+    if not tagged:
+        raise InputError(
+            f"{str(path)!r} carries no fxopt checksum: it is truncated, or not a library "
+            f"Artifact.export wrote (or one from an fxopt that wrote none); {redo}"
+        )
+    if actual != trailer:
+        raise InputError(
+            f"{str(path)!r} is damaged: its contents do not match the checksum written at "
+            f"export (a truncated or corrupted copy); {redo}"
+        )
+
+
+def _digest(path, size: int) -> str:
+    """The SHA-256 of the first `size` bytes of `path`, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as library:
+        while size > 0:
+            block = library.read(min(size, 1 << 20))
+            if not block:
+                break
+            digest.update(block)
+            size -= len(block)
+    return digest.hexdigest()
+
+
+def _trailer(digest: str) -> bytes:
+    return CHECKSUM_TAG + digest.encode("ascii")
+
+
+def _unwritable(path: Path, error: OSError) -> InputError:
+    blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        why = f"{str(blocker)!r} is a file, not a directory"
+    elif path.is_dir():
+        why = "it is a directory"
+    else:
+        why = error.strerror or str(error)
+    return InputError(
+        f"cannot write the library to {str(path)!r}: {why}; export to a file in a writable "
+        "directory"
+    )
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
@@ -92,6 +186,7 @@ def compile_model(model, example_inputs, target="llvm", dynamic_batch: bool = Tr
     from ..verify import check, input_sets
     from .lower import build
 
+    tv.make_target(target)  # a bad target fails before the optimization, not after
     inputs = (
         tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
     )

@@ -11,6 +11,7 @@ output pytree spec, target), so an exported library describes its own call signa
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from contextlib import contextmanager
@@ -97,6 +98,7 @@ def build(
     exported, dynamic, notes = export(gm, inputs, dynamic_batch)
     mod = import_program(exported)
     metadata = _metadata(exported, tvm_target, dynamic)
+    metadata.update(_call_metadata(gm, inputs, exported))
     mod = _attach_metadata(mod, metadata)
     mod = lower(mod, tvm_target, database, notes)
     try:
@@ -265,6 +267,27 @@ def _metadata(exported, target, dynamic: bool) -> dict:
         "out_spec": pytree.treespec_dumps(exported.call_spec.out_spec),
         "target": target.kind.name,
         "dynamic_batch": dynamic,
+    }
+
+
+def _call_metadata(gm, inputs: tuple, exported) -> dict:
+    """How the build is called: the positional argument names, the (args, kwargs) pytree spec,
+    and the Python scalars among the leaves (torch.export bakes them in; `TVMModule` checks a
+    call passes the same values)."""
+    try:
+        parameters = inspect.signature(gm.forward).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in parameters if p.kind in positional]
+    if len(names) < len(inputs):
+        names = [f"input{i}" for i in range(len(inputs))]
+    leaves = pytree.tree_leaves((inputs, {}))
+    scalars = [[i, v] for i, v in enumerate(leaves) if isinstance(v, int | float | bool | str)]
+    return {
+        "arguments": names[: len(inputs)],
+        "in_spec": pytree.treespec_dumps(exported.call_spec.in_spec),
+        "constants": scalars,
     }
 
 

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
 from ..graph import get_attribute
+from . import tvm_api as tv
 from .lower import build, op_name, unsupported_ops
 from .runtime import TVMModule
 
@@ -76,8 +77,8 @@ def _partitioned(gm, inputs, target, dynamic_batch) -> Lowered:
 
 
 def _kind(target) -> str:
-    """ "llvm" or "cuda" for a target given as a name or a TVM target dict."""
-    return target if isinstance(target, str) else dict(target).get("kind", "llvm")
+    """ "llvm" or "cuda" for a target given as a name, a TVM target dict or a `Target`."""
+    return tv.make_target(target).kind.name
 
 
 def split_islands(gm: fx.GraphModule, unsupported: set[str]):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # imported on first use, see `__getattr__`
     from tvm.s_tir import dlight
 
 __all__ = [
+    "check_target",
     "compile_module",
     "device_for",
     "device_kind_of",
@@ -86,20 +87,43 @@ def runtime_only() -> bool:
 
 
 def make_target(target) -> tvm.target.Target:
-    """A TVM target from "llvm", "cuda", a target dict or a `Target`.
+    """A TVM target from "llvm", "cuda", a target dict or a `Target`; InputError otherwise.
 
     "llvm" means this machine's CPU: TVM 0.27 leaves `mcpu` empty (generic x86-64) unless told,
     so the host CPU LLVM detects is filled in. "cuda" means `CUDA_DEFAULT` (sm_90); building
     for it needs `nvcc`, not a GPU.
     """
+    from ..errors import InputError, UnsupportedError
+
     tvm = _tvm()
     if isinstance(target, tvm.target.Target):
         return target
+    if runtime_only():
+        raise UnsupportedError(
+            "only the TVM runtime is loaded (TVM_USE_RUNTIME_LIB=1 or a runtime-only install): "
+            "exported libraries load and run, but nothing can be built; unset it to build"
+        )
     if target == "llvm":
         target = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
     elif target == "cuda":
         target = dict(CUDA_DEFAULT)
-    return tvm.target.Target(target)
+    try:
+        if not isinstance(target, str | dict):
+            raise TypeError(f"{type(target).__name__} is neither a name nor a dict")
+        return tvm.target.Target(target)
+    except Exception as error:  # TVM raises ValueError, TypeError or its own errors
+        raise InputError(
+            f"target {target!r} is not a TVM target ({str(error).splitlines()[0][:240]}); a "
+            "target is 'llvm' (this CPU), 'cuda', a TVM target kind name such as 'c', or a dict "
+            "such as {'kind': 'llvm', 'mcpu': 'znver3'} or {'kind': 'cuda', 'arch': 'sm_80'}"
+        ) from None
+
+
+def check_target(target) -> None:
+    """InputError unless `make_target` accepts `target`. Where only the TVM runtime is loaded
+    nothing is built, so there is nothing to check."""
+    if not runtime_only():
+        make_target(target)
 
 
 def is_gpu(target: tvm.target.Target) -> bool:

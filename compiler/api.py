@@ -3,7 +3,6 @@ the same thing faster. The caller's model is never modified."""
 
 from __future__ import annotations
 
-import copy
 import inspect
 import time
 import warnings
@@ -14,9 +13,9 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from . import cost
-from .capture import batch_size, capture
+from .capture import ModelState, batch_size, capture, private_copy, unwrap
 from .errors import CaptureError, InputError, VerificationError
-from .finalize import InputSpec, finalize, input_spec
+from .finalize import InputSpec, finalize, input_spec, output_aliases
 from .graph import snapshot
 from .pipeline import final_error, resolve, run_passes
 from .precision import Float64Reference
@@ -29,7 +28,8 @@ BACKENDS = ("eager", "inductor", "tvm")
 class OptimizedModule(nn.Module):
     """The optimized model: the model's call signature and output structure, plus `.report`
     and `.graph_module`, the optimized ATen graph to read (the module that runs is a copy
-    tuned for calling, sharing its weights)."""
+    tuned for calling, sharing its weights). A call binds as the model's would; an argument
+    outside what the graph was specialized to (`fxopt.finalize.InputSpec`) raises InputError."""
 
     def __init__(self, graph_module: nn.Module, report: Report, runner=None, inputs=None):
         super().__init__()
@@ -40,7 +40,7 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self._inputs is not None:
-            self._inputs.check(args, kwargs)
+            args, kwargs = self._inputs.bind(args, kwargs)
         return self._runner(*args, **kwargs)
 
 
@@ -60,15 +60,19 @@ def optimize(
     Parameters
     ----------
     model : nn.Module
-        The trained model. It is copied; its parameters, buffers and mode are left unchanged.
+        The trained model (a ``torch.compile`` wrapper stands for the module it wraps). It is
+        copied; its parameters, buffers and mode are left unchanged, and the optimized model
+        starts from its buffers' values.
     example_inputs : Tensor or tuple
-        Arguments as in ``model(*example_inputs)``.
+        Arguments as in ``model(*example_inputs)``; the model runs on copies of them.
+        Arguments that are not tensors are fixed at these values (a call with others raises
+        InputError), and so is every tensor's shape but the batch size.
     backend : {"eager", "inductor", "tvm"}
         Run the rewritten fx graph as is, or through ``torch.compile``, or through TVM.
     target : str or dict, optional
         TVM target; only for ``backend="tvm"``.
     passes : list of str, optional
-        Pass names to run instead of the default pipeline. With ``backend="tvm"`` and
+        Pass names to run instead of the default pipeline (or one name). With ``backend="tvm"`` and
         ``passes=None``, ``fuse_blocks`` runs last, so that depthwise -> pointwise blocks
         become one generated kernel; name it yourself when you pass a list.
     approximate : bool
@@ -81,7 +85,9 @@ def optimize(
         ``fxopt.pipeline.APPROXIMATE_MAX_ERROR`` or an output is not finite. Fit the result
         to the model with `fxopt.calibrate`.
     verify : bool
-        Check every pass against the graph before it and roll back a pass that fails.
+        Check every pass against the graph before it and roll back a pass that fails. A model
+        whose outputs differ between two runs on the same inputs (random, or stateful) cannot
+        be checked: VerificationError says so.
     dynamic_batch : bool
         Keep the batch dimension symbolic where the model allows it.
     tuning_db : str or Path, optional
@@ -96,6 +102,7 @@ def optimize(
         Call it like the model; ``.report`` says what was done.
     """
     start = time.perf_counter()
+    model, unwrapped = unwrap(model)
     inputs = _check_arguments(model, example_inputs, backend, target)
     if tuning_db is not None:
         from .codegen.lower import tuning_database
@@ -106,12 +113,30 @@ def optimize(
             return optimize(
                 model, inputs, backend, target, passes, approximate, verify, dynamic_batch=False
             )
-    report = Report(model=type(model).__name__, backend=backend)
+    report = Report(model=type(model).__name__, backend=backend, notes=unwrapped)
     names = resolve(passes, approximate)
     if backend == "tvm" and passes is None:
         names.append("fuse_blocks")  # dw -> pw pairs and inverted residuals: one TVM kernel each
     work = _eval_copy(model, report)
     _check_weights(work)
+    inputs = _copies(inputs)  # the model may write into its inputs; the caller's stay as given
+    state = ModelState(work, model)
+    try:
+        return _optimize(
+            model, work, inputs, state, report, names, start, backend, target, verify, dynamic_batch
+        )
+    finally:
+        state.restore()  # the optimized model starts from the model's state
+
+
+def _optimize(
+    model, work, inputs, state, report, names, start, backend, target, verify, dynamic_batch
+) -> OptimizedModule:
+    t = time.perf_counter()
+    # eager outputs from before any pass runs: a pass that writes into a weight in place
+    # changes `work` too, since the graph shares its tensors
+    expected = _eager_outputs(work, inputs, state) if verify else None
+    eager = time.perf_counter() - t
     try:
         t = time.perf_counter()
         captured = capture(work, inputs, dynamic_batch)
@@ -119,24 +144,24 @@ def optimize(
     except CaptureError as error:
         from .dynamo import optimize_with_dynamo
 
+        if not verify:
+            _run(work, inputs)  # InputError if the example is the problem
         report.notes.append(f"whole-model capture failed, using the Dynamo fallback: {error}")
         if backend == "tvm":
             report.notes.append("tvm: not used; the Dynamo fallback runs its graphs in PyTorch")
-        return optimize_with_dynamo(work, inputs, names, verify, report, start)
+        optimized = optimize_with_dynamo(work, inputs, names, verify, report, start)
+        optimized._inputs = input_spec(model, inputs, dynamic=False, guards=False)
+        return optimized
     gm = captured.graph_module
     report.dynamic_batch = captured.dynamic_batch
     if captured.note:
         report.notes.append(captured.note)
     report.notes += captured.kept_in_place
-    t = time.perf_counter()
-    # eager outputs from before any pass runs: a pass that writes into a weight in place
-    # changes `work` too, since the graph shares its tensors
-    expected = outputs(work, [inputs]) if verify else None
-    eager = time.perf_counter() - t
+    aliases = output_aliases(gm)  # the model's own: a pass may drop a copy the caller relies on
     reference = Float64Reference(gm) if verify else None  # the graph before any pass
     gm = optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured), reference)
     t = time.perf_counter()
-    fast = finalize(snapshot(gm))  # `gm` stays the readable ATen graph; `fast` is what runs
+    fast = finalize(snapshot(gm), aliases)  # `gm` stays the readable ATen graph; `fast` runs
     report.seconds["finalize"] = time.perf_counter() - t
     if verify:
         t = time.perf_counter()
@@ -147,7 +172,8 @@ def optimize(
         sets = input_sets(inputs, n_random=0, other_batch=other_batch(inputs, captured))
         runner = _verified_tvm_runner(work, fast, runner, sets, report)
     report.seconds["total"] = time.perf_counter() - start
-    return OptimizedModule(gm, report, runner, input_spec(fast))
+    spec = input_spec(model, inputs, captured.dynamic_batch, captured.min_batch)
+    return OptimizedModule(gm, report, runner, spec)
 
 
 def optimize_graph(
@@ -203,11 +229,24 @@ def _check_arguments(model, example_inputs, backend: str, target) -> tuple:
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if target is not None and backend != "tvm":
         raise InputError(f"target= applies to backend='tvm' only, not backend={backend!r}")
-    inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    inputs = tuple(inputs)
+    if target is not None:  # a bad target must not fall back to PyTorch unnoticed
+        from .codegen.tvm_api import check_target
+
+        check_target(target)  # InputError saying what targets look like
+    inputs = _example_tuple(example_inputs)
     _check_signature(model, inputs)
     _check_devices(model, inputs)
     return inputs
+
+
+def _example_tuple(example_inputs) -> tuple:
+    if example_inputs is None:
+        raise InputError(
+            "example_inputs is None; pass the model's arguments: a tensor, or a tuple as in "
+            "model(*example_inputs) (an empty tuple for a model that takes none)"
+        )
+    inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    return tuple(inputs)
 
 
 def _check_signature(model: nn.Module, inputs: tuple) -> None:
@@ -248,18 +287,69 @@ def _eval_copy(model: nn.Module, report: Report) -> nn.Module:
         )
         warnings.warn(message, stacklevel=3)
         report.notes.append("model was in training mode: optimized its eval-mode behaviour")
-    return copy.deepcopy(model).eval()
+    work, note = private_copy(model)
+    if note:
+        report.notes.append(note)
+    return work.eval()
 
 
 def _check_weights(model: nn.Module) -> None:
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    """NaN anywhere, or Inf in a parameter, is a broken weight; Inf in a buffer is a mask
+    (a causal mask of -inf above the diagonal)."""
+    buffers = dict(model.named_buffers())
+    for name, tensor in list(model.named_parameters()) + list(buffers.items()):
         if not tensor.is_floating_point() or torch.isfinite(tensor.detach().sum()):
             continue  # a finite sum has no NaN or Inf terms; one pass, no mask (a tenth the time)
-        if not torch.isfinite(tensor).all():
+        bad = "NaN" if torch.isnan(tensor).any() else None if name in buffers else "Inf"
+        if bad:
             raise InputError(
-                f"{name} holds NaN or Inf values; results could not be verified. "
+                f"{name} holds {bad} values; results could not be verified. "
                 "Fix or re-load the weights before optimizing"
             )
+
+
+def _copies(inputs):
+    return pytree.tree_map(
+        lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, inputs
+    )
+
+
+def _run(model: nn.Module, inputs: tuple):
+    """The model's outputs on a copy of `inputs`; InputError when the model rejects them."""
+    try:
+        return outputs(model, [_copies(inputs)])[0]
+    except Exception as error:
+        text = str(error).strip().splitlines()
+        raise InputError(
+            f"{type(model).__name__} rejected the example inputs: {type(error).__name__}: "
+            f"{text[0] if text else ''}; pass arguments the model accepts, as in "
+            "model(*example_inputs)"
+        ) from error
+
+
+def _eager_outputs(model: nn.Module, inputs: tuple, state: ModelState) -> list:
+    """The model's outputs on the example, the reference every check compares with. The model
+    runs twice: outputs that differ between two runs cannot be compared with at all."""
+    first, second = _run(model, inputs), _run(model, inputs)
+    try:
+        torch.testing.assert_close(second, first, equal_nan=True)
+    except (TypeError, ValueError):  # an output it cannot compare (a str): the checks do
+        pass
+    except AssertionError as error:
+        lines = [line for line in str(error).splitlines() if "Greatest absolute" in line]
+        changed = state.changed()
+        why = (
+            f"its forward changes buffer(s) {', '.join(changed[:3])}"
+            if changed
+            else "it draws random numbers (torch.rand, dropout with training=True, ...)"
+        )
+        raise VerificationError(
+            f"{type(model).__name__} is not deterministic: two runs on the same example inputs "
+            f"differ ({(lines or ['outputs differ'])[0].strip()}); {why}. fxopt checks the "
+            "optimized model against the model's outputs: make them depend on the inputs only, "
+            "or pass verify=False (the optimized model then starts from the model's state)"
+        ) from None
+    return [first]
 
 
 def _backend_runner(fast: fx.GraphModule, backend: str, gm, inputs, target, dynamic, report):

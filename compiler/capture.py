@@ -2,22 +2,32 @@
 where the model's in-place ops are unobservable.
 
 The batch dimension is made symbolic when every tensor input shares it and the model allows it;
-otherwise the capture falls back to static shapes and says why.
+otherwise the capture falls back to static shapes and says why. torch.export assumes a symbolic
+size is not 0 or 1 while it traces, so a model that branches on ``x.shape[0] == 1`` would run
+its batch >= 2 path at batch 1; the capture first traces with sizes 0 and 1 in view
+(size-oblivious), and when the model does depend on them, checks the graph against the model at
+batch 1 and keeps the batch symbolic only where it agrees (`Capture.min_batch`).
+
+The model captured is a private copy (`private_copy`) of the module the user meant (`unwrap`),
+and `ModelState` puts its buffers back where they were after optimize has run it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental import _config as shape_config
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
+from .errors import CaptureError, InputError
 from .functionalize import functionalize
+from .verify import max_error
 
 
 @dataclass
@@ -26,6 +36,92 @@ class Capture:
     dynamic_batch: bool
     note: str | None = None  # why the batch is static, when it is
     kept_in_place: list[str] = field(default_factory=list)  # in-place ops not made functional
+    min_batch: int = 0  # the smallest batch size the symbolic batch stands for
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The Python module behind a `torch.compile` wrapper, with a note saying so; InputError for
+    TorchScript, which torch.export cannot capture."""
+    notes = []
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+        notes.append(f"optimized the {type(model).__name__} that torch.compile wrapped")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script or "
+            "torch.jit.trace); fxopt captures Python modules with torch.export: pass the "
+            "nn.Module that was scripted or traced"
+        )
+    return model, notes
+
+
+def private_copy(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """A deep copy of `model`; where an attribute cannot be copied (a lock, a non-leaf tensor
+    that spectral_norm keeps), the copy shares it and the note says so."""
+    try:
+        return copy.deepcopy(model), None
+    except Exception as error:
+        why = _first_line(error)
+        shared = _uncopyable(model)
+        try:
+            return copy.deepcopy(model, {id(v): v for v in shared.values()}), (
+                f"{type(model).__name__} cannot be deep-copied ({why}); the copy fxopt works on "
+                f"shares {', '.join(sorted(shared))} with it"
+            )
+        except Exception:
+            raise InputError(
+                f"{type(model).__name__} cannot be copied ({why}); fxopt works on a copy to "
+                "leave the model unchanged: give the attribute a __deepcopy__, or remove it "
+                "before optimizing"
+            ) from error
+
+
+def _uncopyable(model: nn.Module) -> dict[str, object]:
+    found = {}
+    for prefix, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            try:
+                copy.deepcopy(value)
+            except Exception:
+                found[f"{prefix}.{key}".lstrip(".")] = value
+    return found
+
+
+class ModelState:
+    """The buffers of `work` (a private copy of `model`) before anything ran it. optimize runs
+    the model and its graphs many times, and a forward may update a buffer (a call counter);
+    `restore` sets them back from `model`, so that the optimized model starts where the model
+    would. The graphs share these tensors."""
+
+    def __init__(self, work: nn.Module, model: nn.Module) -> None:
+        source = dict(model.named_buffers(remove_duplicate=False))
+        self.entries = []  # (name, module, key, tensor, the model's tensor)
+        for prefix, module in work.named_modules(remove_duplicate=False):
+            for key, tensor in module._buffers.items():
+                name = f"{prefix}.{key}".lstrip(".")
+                if tensor is not None:
+                    self.entries.append((name, module, key, tensor, source.get(name)))
+
+    def changed(self) -> list[str]:
+        """The buffers a run of the model changed (or replaced)."""
+        return [
+            name
+            for name, module, key, tensor, source in self.entries
+            if module._buffers.get(key) is not tensor or not _equal(tensor, source)
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for _, module, key, tensor, source in self.entries:
+                module._buffers[key] = tensor
+                if not _equal(tensor, source):
+                    tensor.copy_(source)
+
+
+def _equal(tensor: torch.Tensor, source: torch.Tensor | None) -> bool:
+    return source is None or tensor is source or torch.equal(tensor, source)
 
 
 def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> Capture:
@@ -44,9 +140,9 @@ def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Ca
             note = "static batch: the tensor inputs do not share a leading batch dimension"
         else:
             try:
-                return Capture(_export(model, example_inputs, dynamic=True), True)
-            except Exception as error:  # export reports shape specialization in many types
-                note = f"static batch: the model fixes the batch size ({_first_line(error)})"
+                return _dynamic_capture(model, example_inputs, batch)
+            except _Static as why:
+                note = f"static batch: {why}"
     else:
         note = "static batch: dynamic_batch=False"
     try:
@@ -55,6 +151,61 @@ def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Ca
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {_first_line(error)}"
         ) from error
+
+
+def _dynamic_capture(model: nn.Module, inputs: tuple, batch: int) -> Capture:
+    try:
+        gm = _export(model, inputs, dynamic=True, oblivious=True)
+        # the mode can still leave a guard such as batch > 1 behind: the graph must run the
+        # example and agree with the model at batch 1
+        if _agrees_at_batch_one(model, gm, inputs) and _runs(gm, inputs):
+            return Capture(gm, True)
+    except Exception:  # the model depends on a batch of 1 (or 0), or the mode is not enough
+        pass
+    try:
+        gm = _export(model, inputs, dynamic=True)
+    except Exception as error:  # export reports shape specialization in many types
+        raise _Static(f"the model fixes the batch size ({_first_line(error)})") from error
+    if _agrees_at_batch_one(model, gm, inputs):
+        return Capture(gm, True, min_batch=1)  # batch 0 was neither traced nor checked
+    if batch < 2:
+        raise _Static("the model computes differently at batch size 1 than at others")
+    note = (
+        "dynamic batch >= 2: the model computes differently at batch size 1 (it branches on "
+        "the batch size); a batch-1 call raises InputError, a batch-1 example captures it"
+    )
+    return Capture(gm, True, note, min_batch=2)
+
+
+def _runs(gm: fx.GraphModule, inputs: tuple) -> bool:
+    copies = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, inputs)
+    try:
+        with torch.no_grad():
+            gm(*copies)
+    except Exception:
+        return False
+    return True
+
+
+class _Static(Exception):
+    """Why the batch stays static."""
+
+
+def _agrees_at_batch_one(model: nn.Module, gm: fx.GraphModule, inputs: tuple) -> bool:
+    """Whether the graph traced at batch >= 2 computes what the model computes on the first
+    row of the example (on copies: either may write into its inputs)."""
+
+    def first_row():
+        return pytree.tree_map(
+            lambda x: x[:1].clone() if isinstance(x, torch.Tensor) else x, inputs
+        )
+
+    try:
+        with torch.no_grad():
+            max_error(model(*first_row()), gm(*first_row()))
+    except Exception:  # a mismatch (VerificationError), or the graph fails at batch 1
+        return False
+    return True
 
 
 def batch_size(inputs: tuple) -> int | None:
@@ -72,20 +223,35 @@ def batch_size(inputs: tuple) -> int | None:
 
 @contextlib.contextmanager
 def _quiet_torch_logs():
-    """torch.export prints the partial graph to stderr when it fails, and its shape solver
-    logs warnings; fxopt reports the failure itself."""
-    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """torch.export prints the partial graph to stderr when it fails, its shape solver logs
+    warnings, and fake tensors log the op that failed; fxopt reports the failure itself."""
+    loggers = {logging.getLogger(name): level for name, level in _NOISY.items()}
+    levels = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in levels.items():
+            logger.setLevel(level)
 
 
-def _export(model: nn.Module, inputs: tuple, dynamic: bool) -> fx.GraphModule:
-    with _quiet_torch_logs():
+_NOISY = {  # logger -> the level it is raised to while exporting
+    "torch.fx.experimental.symbolic_shapes": logging.ERROR,
+    "torch._subclasses.fake_tensor": logging.CRITICAL,  # it logs a failing op as an error
+}
+
+
+def _export(
+    model: nn.Module, inputs: tuple, dynamic: bool, oblivious: bool = False
+) -> fx.GraphModule:
+    """`oblivious`: trace a symbolic size without assuming it is not 0 or 1, so that a branch
+    on it becomes a guard (and, with the batch free from 0 up, an export error)."""
+    mode = contextlib.nullcontext()
+    if oblivious:
+        mode = shape_config.patch(backed_size_oblivious=True)
+    with _quiet_torch_logs(), mode:
         return _export_now(model, inputs, dynamic)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import runpy
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +23,7 @@ from .errors import FxoptError, InputError
 from .progress import table
 from .registry import list_passes
 
+DEBUG_HELP = "on an error, also print the Python traceback"
 TARGET_HELP = "zoo model name, timm:NAME, torchvision:NAME, hf:NAME, or path to a .py file"
 FILE_HELP = """\
 TARGET is a zoo model name (see `fxopt models`), a real model of another library with
@@ -31,26 +34,42 @@ a .py file that defines
   example_inputs  a tensor or a tuple of tensors (as model(*example_inputs)),
                   or a function without arguments that returns one
 The file is run with __name__ set to "__fxopt_model__", so an `if __name__ == "__main__":`
-block in it does not run. Example file:
+block in it does not run, and the model is called once on example_inputs before optimizing.
+Example file:
 
   import torch
   from torch import nn
   model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
   example_inputs = (torch.randn(1, 3, 32, 32),)
 """
+EXIT_HELP = """\
+Exit status: 0 on success; 2 on any error, which prints one line `fxopt: error: ...` on
+stderr saying what went wrong and what to do (add --debug for the Python traceback); 130
+when interrupted.
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 usage or fxopt error)."""
+    """Run the command line; returns the exit status (0 ok, 2 any error, 130 interrupted)."""
     args = _parser().parse_args(argv)
     try:
         return args.command(args)
-    except FxoptError as error:
-        print(f"fxopt: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("fxopt: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # one line for every failure; the traceback only on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"fxopt: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, FxoptError):
+        return " ".join(lines)
+    first = lines[0] if lines else "(no message)"
+    return f"{type(error).__name__}: {first} (unexpected; run again with --debug for the traceback)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,13 +77,21 @@ def _parser() -> argparse.ArgumentParser:
         prog="fxopt",
         description="Make a trained PyTorch model faster without changing what "
         "it computes: capture it with torch.fx, rewrite the graph, verify every step.",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     commands.add_parser("passes", help="list the registered passes").set_defaults(command=_passes)
     commands.add_parser("models", help="list the model zoo").set_defaults(command=_models)
     _add_optimize(commands)
     _add_bench(commands)
     _add_tune(commands)
+    for command in commands.choices.values():  # `fxopt CMD ... --debug` works as well
+        # SUPPRESS: a command's default must not reset `fxopt --debug CMD`
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
     return parser
 
 
@@ -76,7 +103,7 @@ def _add_tune(commands) -> None:
         "at the example inputs' shapes with MetaSchedule, and store the best schedules in\n"
         "--work-dir. fxopt.compile(..., tuning_db=DIR) and `fxopt optimize --backend tvm\n"
         "--tuning-db DIR` use those faster than fxopt's own schedules.",
-        epilog=FILE_HELP,
+        epilog=FILE_HELP + "\n" + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tuning.add_argument("target", metavar="TARGET", help=TARGET_HELP)
@@ -118,7 +145,7 @@ def _add_optimize(commands) -> None:
         "optimize",
         help="optimize a zoo model or a model file and print the report",
         description="Optimize a model and print what each pass did.",
-        epilog=FILE_HELP,
+        epilog=FILE_HELP + "\n" + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     opt.add_argument("target", metavar="TARGET", help=TARGET_HELP)
@@ -171,6 +198,7 @@ def _add_bench(commands) -> None:
         description="Time each candidate of each zoo model in one process: build, warm up, "
         "then time calls in turns so that machine noise hits all candidates alike. Reports "
         "median latency and speed-up = eager median / candidate median (> 1 is faster).",
+        epilog=EXIT_HELP,
     )
     timing.add_argument(
         "--models",
@@ -233,6 +261,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    _check_writable(args.json)  # before minutes of work, not after
     model, inputs = load_target(args.target, args.batch)
     passes = _split(args.passes) if args.passes is not None else None
     optimized = optimize(
@@ -254,6 +283,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    _check_writable(args.json)
     rows = bench(
         _split(args.models),
         _split(args.backends),
@@ -306,26 +336,99 @@ def load_target(target: str, batch: int | None) -> tuple[nn.Module, tuple]:
 def _load_file(path: Path) -> tuple[nn.Module, tuple]:
     if not path.is_file():
         raise InputError(f"no such file: {path}")
-    namespace = runpy.run_path(str(path), run_name="__fxopt_model__")
+    namespace = _run_file(path)
     values = []
     for name in ("model", "example_inputs"):
         if name not in namespace:
             raise InputError(f"{path} defines no `{name}`; see `fxopt optimize --help`")
         value = namespace[name]
         # An nn.Module is callable too, but it is the model itself, not a factory.
-        values.append(value() if callable(value) and not isinstance(value, nn.Module) else value)
+        if callable(value) and not isinstance(value, nn.Module):
+            try:
+                value = value()
+            except Exception as error:
+                raise InputError(
+                    f"{_where(path, error)}: `{name}()` raised {_brief(error)}"
+                ) from error
+        values.append(value)
     model, inputs = values
     if not isinstance(model, nn.Module):
         raise InputError(f"`model` in {path} is a {type(model).__name__}, not an nn.Module")
+    _check_runs(path, model, inputs)
     return model, inputs
+
+
+def _run_file(path: Path) -> dict:
+    try:
+        return runpy.run_path(str(path), run_name="__fxopt_model__")
+    except SyntaxError as error:
+        where = f"{path}:{error.lineno}" if error.lineno else str(path)
+        raise InputError(f"{where}: syntax error: {error.msg}; fix the file") from error
+    except ImportError as error:
+        missing = f"install {error.name!r} or fix the import" if error.name else "fix the import"
+        raise InputError(f"{_where(path, error)}: {_brief(error)}; {missing}") from error
+    except SystemExit as error:
+        raise InputError(
+            f"{path} called exit({error.code}) while loading; put that code under "
+            '`if __name__ == "__main__":`'
+        ) from error
+    except Exception as error:
+        raise InputError(
+            f"{_where(path, error)}: loading the file raised {_brief(error)}; "
+            f"run `python {path}` to see why"
+        ) from error
+
+
+def _check_runs(path: Path, model: nn.Module, inputs) -> None:
+    """Call the model once, so that inputs it rejects are named here, not deep in capture."""
+    args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*args)
+    except Exception as error:
+        raise InputError(
+            f"{_where(path, error)}: the model raised {_brief(error)} when called on its "
+            "example_inputs; make example_inputs what its forward takes"
+        ) from error
+    finally:
+        model.train(training)
+
+
+def _where(path: Path, error: BaseException) -> str:
+    """`path:line` of the deepest frame of `error` in the model file, else `path`."""
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    return f"{path}:{lines[-1]}" if lines else str(path)
+
+
+def _brief(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _check_writable(path: Path | None) -> None:
+    if path is None:
+        return
+    parent = path.parent
+    if path.is_dir():
+        raise InputError(f"--json {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise InputError(f"--json {path}: no directory {parent}; create it or choose another path")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise InputError(f"--json {path}: permission denied; choose a path you can write")
+
+
 def _write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(_plain(data), indent=2) + "\n")
+    try:
+        path.write_text(json.dumps(_plain(data), indent=2) + "\n")
+    except OSError as error:
+        raise InputError(
+            f"cannot write --json {path}: {error.strerror}; choose another path"
+        ) from error
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -104,6 +104,8 @@ def linear_combination(
     out = val(root)
     if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 2:
         return None
+    if static_size(out.shape[1]) is None:  # one number per channel needs a channel count
+        return None
     reader = _Reader(gm, out, LINEAR_OPS if leaves is None else tuple(leaves))
     if reader.step(root) is None:
         return None
@@ -116,7 +118,7 @@ Step = tuple[list[tuple[fx.Node, torch.Tensor]], torch.Tensor]  # (child, factor
 class _Reader:
     def __init__(self, gm: fx.GraphModule, like: torch.Tensor, leaves: tuple):
         self.gm, self.like, self.leaves = gm, like, leaves
-        self.channels = like.shape[1]
+        self.channels = static_size(like.shape[1])
 
     def read(self, node: fx.Node, is_root: bool = False) -> LinearCombination | None:
         if not _same_layout(val(node), self.like):
@@ -215,11 +217,18 @@ class _Reader:
         return torch.full((self.channels,), number, dtype=torch.float64)
 
 
+def static_size(size) -> int | None:
+    """`size` as an int, also when it is a SymInt whose expression is a constant (size-oblivious
+    tracing leaves inferred sizes such as the -1 of `x.view(B, -1, 1)` so); None when it is
+    truly symbolic."""
+    return size.node.maybe_as_int() if isinstance(size, torch.SymInt) else size
+
+
 def read_inner(gm: fx.GraphModule, op: fx.Node) -> Inner | None:
     """What `op` reads as an `Inner` map, or None (no 1x1 conv under per-channel maps and one
     zero pad, a value on the way with another user, a shift below the pad, ...)."""
     node, like = op.args[0], val(op.args[0])
-    if not isinstance(like, torch.Tensor) or like.dim() < 3:
+    if not isinstance(like, torch.Tensor) or like.dim() < 3 or static_size(like.shape[1]) is None:
         return None
     reader, dims = _Reader(gm, like, ()), like.dim() - 2
     scale, shift, padding, nodes = reader.full(1.0), reader.zeros(), None, []

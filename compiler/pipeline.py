@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +46,15 @@ DEFAULT_PIPELINE = (
 
 
 def resolve(passes: Sequence[str] | None, approximate: bool) -> list[str]:
-    """Pass names to run: the default pipeline or the user's list, exactness checked."""
+    """Pass names to run: the default pipeline or the user's list (or one name), exactness
+    checked."""
+    if isinstance(passes, str) or hasattr(passes, "pass_name"):
+        passes = [passes]  # one pass: "fold_conv_bn", not the letters of its name
+    elif passes is not None and not isinstance(passes, Sequence | Iterator):
+        raise InputError(
+            f"passes= takes a list of pass names in order (or one name), not "
+            f"{type(passes).__name__}; fxopt.list_passes() names them"
+        )
     names = list(DEFAULT_PIPELINE if passes is None else passes)
     for name in names:
         info = get_pass(name if isinstance(name, str) else getattr(name, "pass_name", ""))

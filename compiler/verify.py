@@ -71,23 +71,41 @@ def _compare_leaf(index: int, a, b, rtol, atol) -> float:
 
 def random_like(inputs, seed: int, batch: int | None = None):
     """Fresh inputs shaped like `inputs` (optionally with another batch size); floats keep the
-    example's mean and spread, integers stay in its range, booleans are copied."""
+    example's mean and spread, integers stay in its range. Masks (booleans, and floats of two
+    values, such as 0 and finfo.min) are the example's rows: a padding mask stays a valid mask
+    (random bits could hide a whole row, noise scaled like finfo.min overflows)."""
     generator = torch.Generator().manual_seed(seed)
 
     def fresh(x):
         if not isinstance(x, torch.Tensor):
             return x
         shape = (batch, *x.shape[1:]) if batch is not None and x.dim() else x.shape
+        if x.is_floating_point() and x.dim() and _two_valued(x):
+            return _rows(x, shape[0])
         if x.is_floating_point():
             mean, std = _moments(x)
             noise = torch.randn(shape, generator=generator, dtype=torch.float64)
             return (noise * std + mean).to(dtype=x.dtype, device=x.device)
         if x.dtype == torch.bool or x.numel() == 0:
-            return x.clone() if tuple(shape) == tuple(x.shape) else x.expand(shape).clone()
+            return _rows(x, shape[0]) if x.dim() else x.clone()
         low, high = int(x.min()), int(x.max())
         return torch.randint(low, high + 1, shape, generator=generator).to(x.dtype).to(x.device)
 
     return pytree.tree_map(fresh, inputs)
+
+
+def _two_valued(x: torch.Tensor) -> bool:
+    if x.numel() <= 2:
+        return False
+    low, high = x.aminmax()
+    return bool(low < high) and bool(((x == low) | (x == high)).all())
+
+
+def _rows(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """`batch` rows of `x`, repeating its rows in turn."""
+    if x.shape[0] == 0:
+        return x.new_zeros((batch, *x.shape[1:]))
+    return x[torch.arange(batch, device=x.device) % x.shape[0]].clone()
 
 
 def _moments(x: torch.Tensor) -> tuple[float, float]:
@@ -109,9 +127,10 @@ def input_sets(example: tuple, n_random: int = 2, other_batch: int | None = None
 
 def outputs(fn: Callable, inputs: Sequence[tuple]) -> list:
     """`fn`'s outputs on every input set, copied: a later in-place edit of a tensor `fn` reads
-    (a weight it returns, say) cannot reach them."""
+    (a weight it returns, say) cannot reach them. `fn` runs on copies of the inputs, so a model
+    that writes into its input sees the same input every time."""
     with torch.no_grad():
-        return [_copy(fn(*args)) for args in inputs]
+        return [_copy(fn(*_copy(args))) for args in inputs]
 
 
 def check_against(
@@ -127,7 +146,7 @@ def check_against(
     worst, found = 0.0, []
     with torch.no_grad():
         for i, (args, reference) in enumerate(zip(inputs, expected, strict=True)):
-            actual = _copy(candidate(*args))
+            actual = _copy(candidate(*_copy(args)))
             try:
                 worst = max(worst, max_error(reference, actual, rtol, atol))
             except VerificationError as error:
@@ -153,9 +172,9 @@ def check(
     worst = 0.0
     with torch.no_grad():
         for i, args in enumerate(inputs):
-            expected = reference(*args)
+            expected = reference(*_copy(args))
             try:
-                worst = max(worst, max_error(expected, candidate(*args), rtol, atol))
+                worst = max(worst, max_error(expected, candidate(*_copy(args)), rtol, atol))
             except VerificationError as error:
                 raise VerificationError(f"input set {i}: {error}") from None
     return worst

@@ -128,6 +128,19 @@ def constant_value(gm: fx.GraphModule, node: object, depth: int = 8) -> torch.Te
     return result if isinstance(result, torch.Tensor) else None
 
 
+def reads_input(node: fx.Node) -> bool:
+    """Whether `node` depends on a graph input: its value is known only at run time."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            return True
+        if current not in seen:
+            seen.add(current)
+            stack += current.all_input_nodes
+    return False
+
+
 def reads_scores(node: fx.Node, top: fx.Node) -> bool:
     """`top @ V` or `top.sum(-1)`: a user the rewrite knows how to replace."""
     if is_op(node, *MATMULS):

@@ -4,17 +4,22 @@ Matches hand-written attention in any layout: (B, N, d) or (B, H, N, d) with wha
 reshapes and permutes produced q, k and v; the key transposed by transpose, permute, mT or t (or
 not at all: a new transpose feeds SDPA); constant scalings on q, on k, or on the scores (x s,
 / sqrt(d)) multiplied into SDPA's explicit `scale`. An additive float mask becomes `attn_mask`;
-`masked_fill(mask, -inf)` with a constant boolean mask becomes `is_causal=True` when the mask
-is the strict upper triangle, else `attn_mask = ~mask`. Eval-mode dropout on the weights is
+`masked_fill(mask, -inf)` with a boolean mask becomes `is_causal=True` when the mask is the
+constant strict upper triangle, else `attn_mask = ~mask`. Eval-mode dropout on the weights is
 dropped. `nn.MultiheadAttention(need_weights=False)` already exports as SDPA; with
 `need_weights=True` its weights are returned, and the pass declines.
-Exact: yes, up to summation order: SDPA computes the same softmax(q kT scale + mask) v. Measured
+A row the mask hides entirely gives NaN in softmax but zeros in SDPA: a constant mask is checked
+here (the pass declines if it hides a row), and a mask known only at run time (an input, a
+key-padding mask) gets those rows set to NaN after SDPA, as the hand-written form gives them.
+Exact: yes, up to summation order: SDPA computes the same softmax(q kT scale + mask) v, and
+fully masked rows are NaN on both sides (for finite scores). Measured
 on CPU fp32 against the hand-written form: max error below 1e-6 relative to the output's scale
-(tests/passes/test_canonicalize_attention.py).
+(tests/passes/test_canonicalize_attention.py, tests/reliability/test_dynamo_attention_cli.py).
 Declines when: dropout runs in training mode; softmax is not over the last axis or casts; a
 score, logit or weight has another user (attention maps returned); the scaling sits on top of
-the mask; a boolean mask is not a constant or masks a whole row (softmax would give NaN, SDPA
-may not), or masked_fill writes a finite value; the mask does not broadcast to the scores;
+the mask; a constant mask hides a whole row, or holds +inf or NaN (softmax gives NaN there, SDPA
+may not), or reads no input yet cannot be evaluated (written in place), or masked_fill writes a
+finite value; the mask does not broadcast to the scores;
 q, k, v or the mask differ in dtype, or their batch dimensions differ, or they have rank < 3.
 Reference: Vaswani et al. 2017; torch.nn.functional.scaled_dot_product_attention.
 """
@@ -35,6 +40,7 @@ from .attention_match import (
     SOFTMAXES,
     constant_value,
     peel_scale,
+    reads_input,
     scalar_value,
     scores,
     swaps_last_two,
@@ -52,8 +58,9 @@ class Attention:
     key_is_transposed: bool
     value: fx.Node
     scale: float
-    mask: fx.Node | torch.Tensor | None  # a graph tensor, or a boolean constant to add
+    mask: fx.Node | torch.Tensor | None  # a graph tensor (boolean: True hides), or an SDPA constant
     is_causal: bool
+    run_time_mask: fx.Node | None  # a mask only known at run time: its fully hidden rows get NaN
     nodes: tuple[fx.Node, ...]
 
 
@@ -102,6 +109,9 @@ def split_mask(gm: fx.GraphModule, logits: fx.Node):
             return decline(
                 "the additive mask does not broadcast to the scores or its dtype differs"
             )
+        known = constant_value(gm, mask)
+        if known is not None and known.numel() and not torch.isfinite(known.amax(-1)).all():
+            return decline("the additive mask hides a whole row, or holds +inf or NaN (NaN there)")
         return score, mask, False
     if is_op(logits, aten.masked_fill):
         return boolean_mask(gm, logits)
@@ -113,8 +123,11 @@ def boolean_mask(gm: fx.GraphModule, logits: fx.Node):
     if scalar_value(gm, fill) != float("-inf"):
         return decline("masked_fill writes a finite value, which SDPA cannot express")
     mask = constant_value(gm, mask_node)
+    if mask is None and isinstance(val(mask_node), torch.Tensor):
+        if val(mask_node).dtype == torch.bool and broadcasts(val(mask_node), val(logits)):
+            return score, mask_node, False  # a run-time mask: SDPA's result is patched
     if mask is None or mask.dtype != torch.bool or not broadcasts(mask, val(logits)):
-        return decline("the boolean mask is not a constant that broadcasts to the scores")
+        return decline("the boolean mask does not broadcast to the scores")
     rows, cols = val(logits).shape[-2:]
     causal = torch.ones(rows, cols, dtype=torch.bool).triu(1)
     if mask.shape[-2:] == (rows, cols) and bool((mask == causal).all()):
@@ -143,7 +156,7 @@ def build_attention(gm, root, value, weights, score_node, mask, is_causal):
         key, more, chain = peel_scale(gm, key.args[0])
         k_factor, k_chain = k_factor * more, [*k_chain, *chain]
     tensors = [val(query), val(key), val(value)]
-    if isinstance(mask, fx.Node):
+    if isinstance(mask, fx.Node) and val(mask).dtype != torch.bool:
         tensors.append(val(mask))
     if len({t.dtype for t in tensors}) != 1 or not tensors[0].is_floating_point():
         return decline("q, k, v and the mask differ in dtype")
@@ -156,7 +169,10 @@ def build_attention(gm, root, value, weights, score_node, mask, is_causal):
     if set(nodes) & mutated_nodes(gm):
         return decline("a value of the attention is written in place")
     scale = s.scale * q_factor * k_factor
-    return Attention(query, key, transposed, value, scale, mask, is_causal, nodes)
+    run_time = mask if isinstance(mask, fx.Node) and constant_value(gm, mask) is None else None
+    if run_time is not None and not reads_input(run_time):
+        return decline("the mask reads no input but cannot be evaluated now (written in place)")
+    return Attention(query, key, transposed, value, scale, mask, is_causal, run_time, nodes)
 
 
 def can_canonicalize(match: Match):
@@ -166,12 +182,33 @@ def can_canonicalize(match: Match):
 def canonicalize(match: Match) -> fx.Node:
     gm, att = match.gm, read_attention(match.gm, match.root)
     key = call(gm, aten.transpose.int, (att.key, -2, -1)) if att.key_is_transposed else att.key
-    mask = att.mask
-    if isinstance(mask, torch.Tensor):
-        mask = add_constant(gm, mask, "attn_mask")
+    mask = None if att.mask is None else sdpa_mask(gm, att.mask)
     kwargs = {"attn_mask": mask, "is_causal": att.is_causal, "scale": att.scale}
     args = (att.query, key, att.value)
-    return call(gm, aten.scaled_dot_product_attention.default, args, kwargs)
+    out = call(gm, aten.scaled_dot_product_attention.default, args, kwargs)
+    return out if att.run_time_mask is None else nan_where_hidden(gm, out, att.run_time_mask)
+
+
+def sdpa_mask(gm: fx.GraphModule, mask: fx.Node | torch.Tensor) -> fx.Node:
+    """The mask as SDPA takes it: True or a float bias where a key is seen, rank >= 2."""
+    if isinstance(mask, torch.Tensor):
+        return add_constant(gm, mask.reshape(*[1] * (2 - mask.dim()), *mask.shape), "attn_mask")
+    if val(mask).dtype == torch.bool:
+        mask = call(gm, aten.logical_not.default, (mask,))
+    for _ in range(2 - val(mask).dim()):
+        mask = call(gm, aten.unsqueeze.default, (mask, 0))
+    return mask
+
+
+def nan_where_hidden(gm: fx.GraphModule, out: fx.Node, mask: fx.Node) -> fx.Node:
+    """`out` with NaN in the rows where softmax gives NaN: a boolean mask hides the whole row,
+    or a float mask's row maximum is not finite (all -inf, or +inf or NaN in it)."""
+    if val(mask).dtype == torch.bool:
+        hidden = call(gm, aten.all.dim, (mask, -1, True))
+    else:
+        top = call(gm, aten.amax.default, (mask, [-1], True))
+        hidden = call(gm, aten.logical_not.default, (call(gm, aten.isfinite.default, (top,)),))
+    return call(gm, aten.where.ScalarSelf, (hidden, float("nan"), out))
 
 
 RULES = [

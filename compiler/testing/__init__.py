@@ -92,6 +92,7 @@ def count_ops(gm, *ops) -> int:
 
 _LAZY = {  # name -> module that defines it; these need hypothesis
     "strategies": None,
+    "fuzz": None,  # differential fuzzing of optimize itself
     "check_pass": ".check",
     "CheckSummary": ".check",
     "PassCheckError": ".check",
@@ -113,6 +114,7 @@ __all__ = [
     "assert_equivalent",
     "check_pass",
     "count_ops",
+    "fuzz",
     "graph_of",
     "strategies",
 ]

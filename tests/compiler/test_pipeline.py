@@ -155,7 +155,7 @@ def test_an_applied_pass_runs_only_the_new_graph_the_reference_is_reused():
         gm, ["fold_conv_bn", "test_no_change_pass"], sets, report, True, expected=expected
     )
     assert report.passes[0].status == "applied" and report.passes[0].verify_seconds > 0
-    assert report.passes[1].verify_seconds < report.passes[0].verify_seconds
+    assert report.passes[1].status == "no change"
     assert len(calls) == len(sets) == 4  # the folded graph, once per input set
 
 

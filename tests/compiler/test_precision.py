@@ -68,9 +68,7 @@ def add_cancelling_shift(gm):
         if node.target is aten.mul.Tensor and node.args[1] == 1.0:
             with gm.graph.inserting_before(node):
                 shifted = gm.graph.call_function(aten.add.Tensor, (node.args[0], 1e6))
-                node.replace_all_uses_with(
-                    gm.graph.call_function(aten.sub.Tensor, (shifted, 1e6))
-                )
+                node.replace_all_uses_with(gm.graph.call_function(aten.sub.Tensor, (shifted, 1e6)))
             count += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -491,6 +491,33 @@ def test_merge_parallel_convs_declines_a_sum_that_broadcasts():
     assert unchanged(model, X)
 
 
+class MaskedTokens(nn.Module):
+    """x + fc(x) on tokens zeroed by a mask viewed with an inferred size (found by the fuzzer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x, mask):
+        x = x.masked_fill(~mask.view(x.shape[0], -1, 1), 0.0)
+        return x + self.fc(x)
+
+
+def test_merge_parallel_convs_reads_a_channel_count_that_is_a_constant_symint():
+    # size-oblivious tracing leaves the -1 of mask.view(B, -1, 1) a SymInt whose value is 4
+    model, x, mask = MaskedTokens().eval(), torch.randn(2, 4, 2), torch.rand(2, 4) > 0.5
+    batch = torch.export.Dim("batch")
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        shapes = ({0: batch}, {0: batch})
+        gm = torch.export.export(model, (x, mask), dynamic_shapes=shapes, strict=False).module()
+    total = next(n for n in gm.graph.nodes if is_op(n, aten.add)).meta["val"]
+    if not isinstance(total.shape[1], torch.SymInt):
+        pytest.skip("this torch traces the inferred size as an int")
+    result = merge_parallel_convs(gm)  # raised "SymIntArrayRef expected to contain only
+    assert not result.modified  # concrete integers" building its per-channel vectors
+    assert_equivalent(model, result.graph_module, (x, mask))
+
+
 # --- DBB: branches that read x through a 1x1 conv, a zero pad and per-channel maps -------------
 
 
