@@ -169,12 +169,4 @@ def check(
     atol: float | None = None,
 ) -> float:
     """Run both on every input set; return the worst absolute error, raise on a mismatch."""
-    worst = 0.0
-    with torch.no_grad():
-        for i, args in enumerate(inputs):
-            expected = reference(*_copy(args))
-            try:
-                worst = max(worst, max_error(expected, candidate(*_copy(args)), rtol, atol))
-            except VerificationError as error:
-                raise VerificationError(f"input set {i}: {error}") from None
-    return worst
+    return check_against(outputs(reference, inputs), candidate, inputs, rtol, atol)[0]
