@@ -4,9 +4,9 @@ where the model's in-place ops are unobservable.
 The batch dimension is made symbolic when every tensor input shares it and the model allows it;
 otherwise the capture falls back to static shapes and says why. torch.export assumes a symbolic
 size is not 0 or 1 while it traces, so a model that branches on ``x.shape[0] == 1`` would run
-its batch >= 2 path at batch 1; the capture first traces with sizes 0 and 1 in view
-(size-oblivious), and when the model does depend on them, checks the graph against the model at
-batch 1 and keeps the batch symbolic only where it agrees (`Capture.min_batch`).
+its batch >= 2 path at batch 1. The capture checks the graph against the model at batch 1 (and
+0); where they differ it traces again with sizes 0 and 1 in view (size-oblivious), and keeps the
+batch symbolic only where the graph agrees with the model (`Capture.min_batch`).
 
 The model captured is a private copy (`private_copy`) of the module the user meant (`unwrap`),
 and `ModelState` puts its buffers back where they were after optimize has run it.
@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -155,19 +156,19 @@ def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Ca
 
 def _dynamic_capture(model: nn.Module, inputs: tuple, batch: int) -> Capture:
     try:
-        gm = _export(model, inputs, dynamic=True, oblivious=True)
-        # the mode can still leave a guard such as batch > 1 behind: the graph must run the
-        # example and agree with the model at batch 1
-        if _agrees_at_batch_one(model, gm, inputs) and _runs(gm, inputs):
-            return Capture(gm, True)
-    except Exception:  # the model depends on a batch of 1 (or 0), or the mode is not enough
-        pass
-    try:
         gm = _export(model, inputs, dynamic=True)
     except Exception as error:  # export reports shape specialization in many types
         raise _Static(f"the model fixes the batch size ({_first_line(error)})") from error
-    if _agrees_at_batch_one(model, gm, inputs):
-        return Capture(gm, True, min_batch=1)  # batch 0 was neither traced nor checked
+    if _agrees_at_batch(model, gm, inputs, 1):  # batch 0 is neither traced nor assumed
+        return Capture(gm, True, min_batch=0 if _agrees_at_batch(model, gm, inputs, 0) else 1)
+    # the trace assumed batch > 1 where the model depends on it: a size-oblivious trace keeps
+    # batch 1 in view, and must run the example and agree with the model at batch 1
+    try:
+        oblivious = _export(model, inputs, dynamic=True, oblivious=True)
+        if _agrees_at_batch(model, oblivious, inputs, 1) and _runs(oblivious, inputs):
+            return Capture(oblivious, True)
+    except Exception:  # the model branches on a batch of 1 (or 0)
+        pass
     if batch < 2:
         raise _Static("the model computes differently at batch size 1 than at others")
     note = (
@@ -191,19 +192,20 @@ class _Static(Exception):
     """Why the batch stays static."""
 
 
-def _agrees_at_batch_one(model: nn.Module, gm: fx.GraphModule, inputs: tuple) -> bool:
+def _agrees_at_batch(model: nn.Module, gm: fx.GraphModule, inputs: tuple, rows: int) -> bool:
     """Whether the graph traced at batch >= 2 computes what the model computes on the first
-    row of the example (on copies: either may write into its inputs)."""
+    `rows` rows of the example (on copies: either may write into its inputs)."""
 
-    def first_row():
+    def first_rows():
         return pytree.tree_map(
-            lambda x: x[:1].clone() if isinstance(x, torch.Tensor) else x, inputs
+            lambda x: x[:rows].clone() if isinstance(x, torch.Tensor) else x, inputs
         )
 
     try:
-        with torch.no_grad():
-            max_error(model(*first_row()), gm(*first_row()))
-    except Exception:  # a mismatch (VerificationError), or the graph fails at batch 1
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty batch makes some reductions warn
+            max_error(model(*first_rows()), gm(*first_rows()))
+    except Exception:  # a mismatch (VerificationError), or either fails at that batch
         return False
     return True
 

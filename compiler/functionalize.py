@@ -139,7 +139,12 @@ def _replace(gm: fx.GraphModule, node: fx.Node, written: fx.Node, functional, po
 
 
 def _fake_result(op, node: fx.Node):
+    """The functional op's result on the in-place node's fake values (None where unknown).
+    Floating tensors of one dtype with real scalars cannot promote: the in-place node's value
+    stands for it without running the op (a few ms each, on every relu_ of a model)."""
     values = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    if _cannot_promote(torch.utils._pytree.tree_leaves(values)):
+        return node.meta.get("val")
     fakes = [v for v in torch.utils._pytree.tree_leaves(values) if hasattr(v, "fake_mode")]
     try:
         if fakes:
@@ -148,6 +153,16 @@ def _fake_result(op, node: fx.Node):
         return op(*values[0], **values[1])
     except Exception:  # an op the fake mode cannot run: keep the in-place node's value
         return None
+
+
+def _cannot_promote(leaves: list) -> bool:
+    dtypes = {v.dtype for v in leaves if isinstance(v, torch.Tensor)}
+    scalars = [v for v in leaves if isinstance(v, int | float | complex)]
+    return (
+        len(dtypes) == 1
+        and next(iter(dtypes)).is_floating_point
+        and not any(isinstance(v, complex) for v in scalars)
+    )
 
 
 def _written_argument(node: fx.Node) -> fx.Node | None:

@@ -204,15 +204,17 @@ def _verify(record: PassRecord, exact: bool, gm, expected: list, inputs, limit, 
 
 
 def _arbitrate(error: VerificationError, reference, gm, found: list, inputs, ref32=None):
-    """The float64 verdict on a float32 miss (a Rounding), or `error` with the verdict added."""
+    """The float64 verdict on a float32 miss (a Rounding, or a sentence when the graph is within
+    the float32 bound of `reference` after all), or `error` with the verdict added."""
     if reference is None:
         raise error
     try:
-        return reference.check(gm, found, inputs, ref32)
+        verdict = reference.check(gm, found, inputs, ref32)
     except VerificationError as verdict:
         raise VerificationError(f"{error}; float64 check: {verdict}") from None
     except Exception as crash:  # a graph that cannot run in float64 has no verdict
         raise VerificationError(f"{error} (no float64 check: {crash})") from None
+    return verdict or "within the float32 bound of the graph before any pass"
 
 
 def _check_restorable(record: PassRecord, written: list[str]) -> None:

@@ -30,6 +30,7 @@ as before.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 
@@ -38,7 +39,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import VerificationError
-from .verify import max_error, outputs, tolerance
+from .verify import max_error, outputs, same_non_finite, tolerance
 
 REDUCED = (torch.float32, torch.float16, torch.bfloat16)
 # A rewrite may round a new weight a few times (a scale, a product, a sum of branches): condition
@@ -53,7 +54,7 @@ def float64_copy(module: nn.Module, rounding_seed: int | None = None) -> nn.Modu
     ``full(..., dtype=float32)``) set to float64. With `rounding_seed`, every floating weight is
     also moved by one float32 rounding step at most, `w * (1 + u * 2**-24)` with u uniform in
     [-1, 1], drawn from that seed."""
-    module = copy.deepcopy(module)
+    module = _copy(module)
     generator = None if rounding_seed is None else torch.Generator().manual_seed(rounding_seed)
     for m in module.modules():
         for table in (m._parameters, m._buffers):
@@ -68,6 +69,28 @@ def float64_copy(module: nn.Module, rounding_seed: int | None = None) -> nn.Modu
             node.args, node.kwargs = pytree.tree_map(_float64_dtype, (node.args, node.kwargs))
         module.recompile()
     return module
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    """A copy whose tensors may be replaced without touching `module`'s: a GraphModule whose
+    called submodules hold no tensors (export's guard function) gets new module objects around
+    the same tensors, which `float64_copy` then swaps for float64 ones; anything else is
+    deep-copied."""
+    if isinstance(module, fx.GraphModule) and not any(
+        _holds_tensors(module.get_submodule(node.target))
+        for node in module.graph.nodes
+        if node.op == "call_module"
+    ):
+        return fx.GraphModule(module, copy.deepcopy(module.graph))
+    return copy.deepcopy(module)
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return any(
+        isinstance(value, torch.Tensor)
+        for m in module.modules()
+        for value in (*m._parameters.values(), *m._buffers.values(), *vars(m).values())
+    )
 
 
 def float64_inputs(args):
@@ -112,24 +135,26 @@ class Rounding:
 
 def judge(ref32, cand32, ref64, cand64, rounded64=None) -> Rounding:
     """Apply the two conditions above to one input set's outputs (pytrees; `rounded64`: the
-    reference's float64 outputs with its weights moved by a rounding step, or None for no
-    allowance); raise VerificationError saying which condition failed."""
-    trees = (ref32, cand32, ref64, cand64, ref64 if rounded64 is None else rounded64)
-    leaves = [pytree.tree_flatten(x)[0] for x in trees]
+    reference's float64 outputs with its weights moved by a rounding step, or a function
+    returning them, called only when an output misses the bound without the allowance; None for
+    no allowance); raise VerificationError saying which condition failed."""
+    leaves = [pytree.tree_flatten(x)[0] for x in (ref32, cand32, ref64, cand64)]
+    moved = None
     worst = Rounding(0.0, 0.0, 0.0)
-    for i, (r32, c32, r64, c64, moved) in enumerate(zip(*leaves, strict=True)):
+    for i, (r32, c32, r64, c64) in enumerate(zip(*leaves, strict=True)):
         if not (isinstance(r32, torch.Tensor) and r32.dtype in REDUCED):
             max_error(r32, c32)  # integers, booleans, non-tensors: equal as before
             continue
         max_error(r32, c32, rtol=float("inf"))  # shape, dtype and finiteness as before
         rtol, atol = tolerance(r32.dtype)
-        bound = rtol * r64.abs().max().item() + atol if r64.numel() else atol
-        leaf = Rounding(
-            _distance(r32, r64),
-            _distance(c32, r64),
-            _distance(c64, r64),
-            ROUNDINGS * _distance(moved, r64),
-        )
+        finite = r64[torch.isfinite(r64)]  # max_error saw NaN and Inf in the same places
+        bound = rtol * finite.abs().max().item() + atol if finite.numel() else atol
+        exact, allowed = _distance(c64, r64), 0.0
+        if exact > bound and rounded64 is not None:
+            if moved is None:
+                moved = pytree.tree_flatten(rounded64() if callable(rounded64) else rounded64)[0]
+            allowed = ROUNDINGS * _distance(moved[i], r64)
+        leaf = Rounding(_distance(r32, r64), _distance(c32, r64), exact, allowed)
         if leaf.exact > bound + leaf.allowed:
             allowed = f" + {leaf.allowed:.3g} for weight rounding" if leaf.allowed else ""
             raise VerificationError(
@@ -146,7 +171,12 @@ def judge(ref32, cand32, ref64, cand64, rounded64=None) -> Rounding:
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    """The largest difference where both are finite; infinite where NaN or Inf differ."""
+    a, b = a.double(), b.double()
+    if not same_non_finite(a, b):
+        return float("inf")
+    finite = torch.isfinite(a)
+    return (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0
 
 
 class Float64Reference:
@@ -159,37 +189,59 @@ class Float64Reference:
 
     def __init__(self, gm: fx.GraphModule):
         self._graph = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        self._float64: tuple[nn.Module, nn.Module] | None = None  # exact, weights moved
-        self._seen: list[tuple[tuple, tuple]] = []  # (args, (float32, float64, moved outputs))
+        self._float64_graphs: list[nn.Module | None] = [None, None]  # exact, weights moved
+        self._seen: list[tuple[tuple, dict]] = []  # (args, {float32/float64/moved: outputs})
 
     def check(self, candidate: fx.GraphModule, found: list, inputs: Sequence[tuple], ref32=None):
         """Judge `candidate`, whose float32 outputs on `inputs` are `found`, against this
         reference (`ref32`: the reference's float32 outputs, when they come from elsewhere, such
-        as eager). Returns the worst input set's Rounding; raises VerificationError."""
-        cand64 = outputs(float64_copy(candidate), [float64_inputs(args) for args in inputs])
-        accounts = []
+        as eager). An input set on which `found` is within the float32 bound of the reference
+        needs no arbitration; the others run in float64. Returns the worst input set's Rounding
+        (None when every set was within the bound); raises VerificationError."""
+        accounts, candidate64 = [], None
         for i, args in enumerate(inputs):
-            own32, ref64, moved = self._outputs(args)
+            own32 = self._float32(args)
             reference = own32 if ref32 is None else ref32[i]
             try:
                 if ref32 is not None:  # float64 speaks for `ref32` only if it is the same program
                     max_error(ref32[i], own32)
-                accounts.append(judge(reference, found[i], ref64, cand64[i], moved))
+                if _within(reference, found[i]):
+                    continue
+                candidate64 = candidate64 or float64_copy(candidate)
+                cand64 = outputs(candidate64, [float64_inputs(args)])[0]
+                ref64 = self._float64(args)
+                moved = functools.partial(self._float64, args, rounded=True)
+                accounts.append(judge(reference, found[i], ref64, cand64, moved))
             except VerificationError as error:
                 raise VerificationError(f"input set {i}: {error}") from None
-        return max(accounts, key=lambda account: account.off)
+        return max(accounts, key=lambda account: account.off, default=None)
 
-    def _outputs(self, args: tuple) -> tuple:
-        for seen, found in self._seen:
-            if seen is args:
-                return found
-        if self._float64 is None:
-            self._float64 = (float64_copy(self._graph), float64_copy(self._graph, rounding_seed=0))
-        doubles = [float64_inputs(args)]
-        found = (
-            outputs(self._graph, [args])[0],
-            outputs(self._float64[0], doubles)[0],
-            outputs(self._float64[1], doubles)[0],
-        )
-        self._seen.append((args, found))
-        return found
+    def _float32(self, args: tuple):
+        return self._cached(args, "float32", lambda: outputs(self._graph, [args])[0])
+
+    def _float64(self, args: tuple, rounded: bool = False):
+        """The reference's float64 outputs on `args` (`rounded`: with its weights moved by a
+        rounding step)."""
+        if self._float64_graphs[rounded] is None:
+            seed = 0 if rounded else None
+            self._float64_graphs[rounded] = float64_copy(self._graph, rounding_seed=seed)
+        graph = self._float64_graphs[rounded]
+        key = "moved" if rounded else "float64"
+        return self._cached(args, key, lambda: outputs(graph, [float64_inputs(args)])[0])
+
+    def _cached(self, args: tuple, key: str, compute):
+        found = next((found for seen, found in self._seen if seen is args), None)
+        if found is None:
+            found = {}
+            self._seen.append((args, found))
+        if key not in found:
+            found[key] = compute()
+        return found[key]
+
+
+def _within(reference, found) -> bool:
+    try:
+        max_error(reference, found)
+    except VerificationError:
+        return False
+    return True

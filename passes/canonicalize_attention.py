@@ -15,7 +15,9 @@ Exact: yes, up to summation order: SDPA computes the same softmax(q kT scale + m
 fully masked rows are NaN on both sides (for finite scores). Measured
 on CPU fp32 against the hand-written form: max error below 1e-6 relative to the output's scale
 (tests/passes/test_canonicalize_attention.py, tests/reliability/test_dynamo_attention_cli.py).
-Declines when: dropout runs in training mode; softmax is not over the last axis or casts; a
+Declines when: the mask is an additive float mask, or the value head dim differs from the
+query's (SDPA is slower than the hand-written form on CPU there; see CONFIG); dropout runs in
+training mode; softmax is not over the last axis or casts; a
 score, logit or weight has another user (attention maps returned); the scaling sits on top of
 the mask; a constant mask hides a whole row, or holds +inf or NaN (softmax gives NaN there, SDPA
 may not), or reads no input yet cannot be evaluated (written in place), or masked_fill writes a
@@ -26,12 +28,14 @@ Reference: Vaswani et al. 2017; torch.nn.functional.scaled_dot_product_attention
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from fxopt.graph import add_constant, arg, call, is_op, mutated_nodes, val
+from fxopt.pipeline import update_settings
 from fxopt.registry import register_pass
 from fxopt.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
@@ -47,6 +51,28 @@ from .attention_match import (
 )
 
 aten = torch.ops.aten
+
+# On CPU (torch 2.14, fp32, one thread) SDPA takes its unfused path when given an additive float
+# mask or a value head dim that differs from the query's, and is then 1.4-1.9x slower than the
+# hand-written form (LeViT-128S's attention, 4 heads of 196 tokens, q/k dim 16, v dim 32: 0.60
+# ms against 0.35 ms); with neither it is 1.1-2x faster. The pass declines those two forms
+# unless `configure(always=True)`, for a target whose fused kernels take them (a GPU).
+CONFIG = {"always": False}
+
+
+def configure(**settings) -> dict:
+    """Set ``always``; returns the previous settings."""
+    return update_settings(CONFIG, settings)
+
+
+@contextlib.contextmanager
+def configured(**settings):
+    """`configure` for the duration of a with block."""
+    old = configure(**settings)
+    try:
+        yield
+    finally:
+        configure(**old)
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,8 @@ def split_mask(gm: fx.GraphModule, logits: fx.Node):
         known = constant_value(gm, mask)
         if known is not None and known.numel() and not torch.isfinite(known.amax(-1)).all():
             return decline("the additive mask hides a whole row, or holds +inf or NaN (NaN there)")
+        if known is not None and bool(((known == 0) | (known == float("-inf"))).all()):
+            return constant_boolean(score, known == float("-inf"), val(logits))
         return score, mask, False
     if is_op(logits, aten.masked_fill):
         return boolean_mask(gm, logits)
@@ -128,7 +156,13 @@ def boolean_mask(gm: fx.GraphModule, logits: fx.Node):
             return score, mask_node, False  # a run-time mask: SDPA's result is patched
     if mask is None or mask.dtype != torch.bool or not broadcasts(mask, val(logits)):
         return decline("the boolean mask does not broadcast to the scores")
-    rows, cols = val(logits).shape[-2:]
+    return constant_boolean(score, mask, val(logits))
+
+
+def constant_boolean(score: fx.Node, mask: torch.Tensor, logits: torch.Tensor):
+    """(scores, mask, is_causal) for a constant boolean mask (True hides), which may also come
+    from an additive mask of zeros and -inf."""
+    rows, cols = logits.shape[-2:]
     causal = torch.ones(rows, cols, dtype=torch.bool).triu(1)
     if mask.shape[-2:] == (rows, cols) and bool((mask == causal).all()):
         return score, None, True
@@ -165,6 +199,9 @@ def build_attention(gm, root, value, weights, score_node, mask, is_causal):
         return decline("SDPA needs a batch dimension: q, k, v have rank < 3")
     if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         return decline("q, k and v differ in their batch dimensions")
+    slower = slower_on_cpu(q, v, mask)
+    if slower and not CONFIG["always"]:
+        return decline(slower)
     nodes = (*q_chain, *k_chain, s.matmul, *s.chain, score_node, weights, root)
     if set(nodes) & mutated_nodes(gm):
         return decline("a value of the attention is written in place")
@@ -173,6 +210,19 @@ def build_attention(gm, root, value, weights, score_node, mask, is_causal):
     if run_time is not None and not reads_input(run_time):
         return decline("the mask reads no input but cannot be evaluated now (written in place)")
     return Attention(query, key, transposed, value, scale, mask, is_causal, run_time, nodes)
+
+
+def slower_on_cpu(q: torch.Tensor, v: torch.Tensor, mask) -> str | None:
+    """Why SDPA would be slower on CPU than the hand-written form (see CONFIG), or None."""
+    if v.shape[-1] != q.shape[-1]:
+        return (
+            f"the value head dim ({v.shape[-1]}) differs from the query's ({q.shape[-1]}): "
+            "SDPA on CPU takes its unfused path, slower than this form"
+        )
+    dtype = val(mask).dtype if isinstance(mask, fx.Node) else getattr(mask, "dtype", torch.bool)
+    if dtype != torch.bool:
+        return "an additive float mask: SDPA on CPU takes its unfused path, slower than this form"
+    return None
 
 
 def can_canonicalize(match: Match):

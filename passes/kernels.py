@@ -6,11 +6,11 @@ functions of tensors, tested on their own.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 def _grid(step: Sequence[int]) -> tuple:
@@ -38,12 +38,17 @@ def pad_centred(kernel: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
     Raises ValueError when a dim would shrink or cannot be centred (odd difference).
     """
-    spatial = kernel.shape[2:]
+    padded = kernel.new_zeros(*kernel.shape[:2], *size)
+    padded[centre(kernel.shape[2:], size)] = kernel
+    return padded
+
+
+def centre(spatial: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
+    """The index of a `spatial` kernel centred in `size` (see `pad_centred`)."""
     extra = [s - k for k, s in zip(spatial, size, strict=True)]
     if any(e < 0 or e % 2 for e in extra):
         raise ValueError(f"cannot centre a {tuple(spatial)} kernel in {tuple(size)}")
-    pads = [p for e in reversed(extra) for p in (e // 2, e // 2)]  # F.pad: last dim first
-    return F.pad(kernel, pads)
+    return (..., *(slice(e // 2, e // 2 + k) for e, k in zip(extra, spatial, strict=True)))
 
 
 def identity_kernel(
@@ -93,7 +98,10 @@ def merge_kernels(
     if len(shapes) != 1:
         raise ValueError(f"kernels of different channel layouts {sorted(shapes)} do not add up")
     size = [max(sizes) for sizes in zip(*(kernel.shape[2:] for kernel, _ in branches), strict=True)]
-    kernel = sum(pad_centred(k, size) for k, _ in branches)
+    dtype = functools.reduce(torch.promote_types, (k.dtype for k, _ in branches))
+    kernel = branches[0][0].new_zeros(*branches[0][0].shape[:2], *size, dtype=dtype)
+    for k, _ in branches:  # added into the centre in place: real kernels are large
+        kernel[centre(k.shape[2:], size)] += k
     bias = torch.zeros(kernel.shape[0], dtype=kernel.dtype, device=kernel.device)
     for _, branch_bias in branches:
         if branch_bias is not None:

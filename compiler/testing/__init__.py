@@ -12,6 +12,7 @@ imported on first use:
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from .. import verify  # not `from ..verify import check`: the submodule `check` would shadow it
@@ -46,13 +47,19 @@ def _float64_verdict(error, reference, candidate, sets) -> float:
     doubles = [float64_inputs(args) for args in sets]
     try:
         ref64 = verify.outputs(float64_copy(reference), doubles)
-        moved = verify.outputs(float64_copy(reference, rounding_seed=0), doubles)
         cand64 = verify.outputs(float64_copy(candidate), doubles)
     except Exception as crash:  # a model that cannot run in float64 has no verdict
         raise verify.VerificationError(f"{error} (no float64 check: {crash})") from None
-    for i, outputs in enumerate(zip(ref32, cand32, ref64, cand64, moved, strict=True)):
+    moved = []  # the reference with its weights rounded, built only if an output needs it
+
+    def rounded(i: int):
+        if not moved:
+            moved.extend(verify.outputs(float64_copy(reference, rounding_seed=0), doubles))
+        return moved[i]
+
+    for i, outputs in enumerate(zip(ref32, cand32, ref64, cand64, strict=True)):
         try:
-            judge(*outputs)
+            judge(*outputs, functools.partial(rounded, i))
         except verify.VerificationError as verdict:
             raise verify.VerificationError(f"{error}; float64 check, set {i}: {verdict}") from None
     return max(

@@ -9,7 +9,7 @@ from torch import nn
 
 import fxopt
 from fxopt.graph import is_op
-from fxopt.passes.canonicalize_attention import canonicalize_attention
+from fxopt.passes.canonicalize_attention import canonicalize_attention, configured
 from fxopt.testing import apply_pass, count_ops, graph_of
 
 aten = torch.ops.aten
@@ -97,11 +97,44 @@ def test_canonicalize_attention_turns_hand_written_attention_into_sdpa(scale_on,
     assert all(a.op == "placeholder" for a in node.args[:3])  # the transpose and scaling are gone
 
 
-def test_canonicalize_attention_passes_an_additive_mask_as_attn_mask():
+def test_canonicalize_attention_passes_an_additive_mask_as_attn_mask_when_told_to():
     mask = torch.randn(10, 10)
-    result = apply_pass(canonicalize_attention, HandAttention(mask=mask), *qkv(2, 10, 8))
+    with configured(always=True):
+        result = apply_pass(canonicalize_attention, HandAttention(mask=mask), *qkv(2, 10, 8))
     node = sdpa_node(result.graph_module)
     assert node.kwargs["attn_mask"] is not None and node.kwargs["attn_mask"].op == "get_attr"
+
+
+def test_canonicalize_attention_declines_where_sdpa_is_slower_on_cpu():
+    mask = torch.randn(10, 10)  # an additive float mask: SDPA's unfused path
+    result = canonicalize_attention(graph_of(HandAttention(mask=mask), *qkv(2, 10, 8)))
+    assert not result.modified
+    assert any("additive float mask" in why for why in result.declined["softmax-attention"])
+    q, k = qkv(2, 10, 8)[:2]
+    v = torch.randn(2, 10, 16)  # the value head dim differs from the query's
+    result = canonicalize_attention(graph_of(HandAttention(), q, k, v))
+    assert not result.modified
+    assert any("value head dim (16)" in why for why in result.declined["softmax-attention"])
+
+
+def test_a_constant_mask_of_zeros_and_minus_inf_becomes_a_boolean_or_causal_mask():
+    upper = torch.ones(10, 10, dtype=torch.bool).triu(1)
+    causal = torch.zeros(10, 10).masked_fill(upper, float("-inf"))
+    node = sdpa_node(
+        apply_pass(canonicalize_attention, HandAttention(mask=causal), *qkv(2, 10, 8)).graph_module
+    )
+    assert node.kwargs["is_causal"] and node.kwargs["attn_mask"] is None
+    banded = torch.zeros(10, 10).masked_fill(
+        upper.T & ~torch.eye(10, dtype=torch.bool), float("-inf")
+    )
+    node = sdpa_node(
+        apply_pass(canonicalize_attention, HandAttention(mask=banded), *qkv(2, 10, 8)).graph_module
+    )
+    attn_mask = node.kwargs["attn_mask"]
+    assert (
+        attn_mask.op == "get_attr"
+        and getattr(node.graph.owning_module, attn_mask.target).dtype == torch.bool
+    )
 
 
 def test_canonicalize_attention_turns_a_causal_masked_fill_into_is_causal():

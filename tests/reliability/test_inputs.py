@@ -149,6 +149,22 @@ def test_a_model_that_ignores_the_batch_size_stays_dynamic_down_to_batch_one():
         torch.testing.assert_close(fast(x), model(x))
 
 
+def test_an_empty_batch_is_accepted_only_where_the_model_agrees_at_batch_zero():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    fast = fxopt.optimize(model, torch.randn(4, 4))
+    assert fast(torch.randn(0, 4)).shape == (0, 2)
+
+    class Flatten(nn.Module):  # eager cannot view an empty batch as (0, -1)
+        def forward(self, x):
+            return x.view(x.shape[0], -1) * 2
+
+    fast = fxopt.optimize(Flatten(), torch.randn(4, 2, 2))
+    x = torch.randn(1, 2, 2)
+    torch.testing.assert_close(fast(x), Flatten()(x))
+    with pytest.raises(InputError, match=r"B: any batch size >= 1.*got torch.float32 \(0, 2, 2\)"):
+        fast(torch.randn(0, 2, 2))
+
+
 def test_a_static_batch_message_does_not_promise_any_batch_size():
     fast = fxopt.optimize(nn.Linear(4, 4).eval(), torch.randn(2, 4), dynamic_batch=False)
     with pytest.raises(InputError, match=r"shape \(2, 4\), got") as raised:
