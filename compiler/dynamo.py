@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 import operator
+import re
 import time
 
 import torch
 from torch import fx, nn
 
 from .capture import capture
-from .finalize import finalize
+from .errors import CaptureError
+from .finalize import finalize, output_aliases
 from .pipeline import DEFAULT_PIPELINE
 from .report import Report
 from .verify import check, input_sets
@@ -38,17 +40,33 @@ class _Frozen(nn.Module):
         super().__init__()
         self.gm = gm
         self.count = len(example_inputs)
-        self.weight_positions = weight_positions
-        for i in weight_positions:
-            self.register_buffer(f"w{i}", example_inputs[i].detach())
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        self.names = _weight_names([placeholders[i] for i in weight_positions])
+        self.weight_positions = dict(zip(weight_positions, self.names, strict=True))
+        for i, name in self.weight_positions.items():
+            self.register_buffer(name, example_inputs[i].detach())
 
     def forward(self, *args):
         it = iter(args)
         full = [
-            getattr(self, f"w{i}") if i in self.weight_positions else next(it)
+            getattr(self, self.weight_positions[i]) if i in self.weight_positions else next(it)
             for i in range(self.count)
         ]
         return self.gm(*full)
+
+
+def _weight_names(placeholders: list[fx.Node]) -> list[str]:
+    """Buffer names for Dynamo's weight inputs, after the model's own (``L['self']._modules
+    ['p1']._parameters['weight']`` is ``p1_weight``), so the report names what a user wrote."""
+    names: list[str] = []
+    for i, node in enumerate(placeholders):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        text = getattr(source, "name", "")
+        parts = re.findall(r"\['([^']+)'\]", text() if callable(text) else str(text))
+        name = "_".join(p for p in parts if p != "self") or f"w{i}"
+        name = re.sub(r"\W", "_", name)
+        names.append(name if name not in names and name.isidentifier() else f"w{i}_{name}")
+    return names
 
 
 class _WeightGuard:
@@ -70,6 +88,14 @@ class _WeightGuard:
             and [t._version for t in current] == self.versions
             and [t.data_ptr() for t in current] == self.pointers
         )
+
+
+def _detached_copy(value):
+    """A copy of a graph input for capturing and verifying the graph: torch.export run inside
+    Dynamo's backend must not touch the tensors Dynamo is about to build its guards from (seen
+    on a resume frame whose inputs are a tensor and a view of it: Dynamo's own "guard failed on
+    the same frame it was created" assertion)."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def _is_weight(node: fx.Node, value) -> bool:
@@ -131,15 +157,16 @@ def make_backend(names=DEFAULT_PIPELINE, verify: bool = True, report: Report | N
         runtime = [i for i in range(len(example_inputs)) if i not in weights]
 
         def optimize_for(flat, graph_report: Report) -> nn.Module:
-            args = tuple(flat[i] for i in runtime)
+            args = tuple(_detached_copy(flat[i]) for i in runtime)
             frozen = _Frozen(gm, flat, weights).eval()
             captured = capture(frozen, args, dynamic_batch=False)
             graph_report.notes += [n for n in captured.kept_in_place if n not in graph_report.notes]
             sets = input_sets(args) if verify else []
+            aliases = output_aliases(captured.graph_module)  # a pass may drop a copy
             optimized = optimize_graph(
                 captured.graph_module, args, names, verify, graph_report, None
             )
-            optimized = finalize(optimized)
+            optimized = finalize(optimized, aliases)
             if verify:
                 check(frozen, optimized, sets)
             return optimized
@@ -167,12 +194,28 @@ def optimize_with_dynamo(
     explanation = torch._dynamo.explain(model)(*inputs)
     report.graph_breaks = [_describe_break(b) for b in explanation.break_reasons]
     compiled = torch.compile(model, backend=make_backend(names, verify, report), dynamic=False)
-    with torch.no_grad():
-        compiled(*inputs)  # compiles every graph now, so the report is complete
-        if verify:
-            report.final_error = check(model, compiled, input_sets(inputs, n_random=1))
+    try:
+        with torch.no_grad():
+            compiled(*inputs)  # compiles every graph now, so the report is complete
+            if verify:
+                report.final_error = check(model, compiled, input_sets(inputs, n_random=1))
+    except torch._dynamo.exc.TorchDynamoException as error:
+        raise _typed(error, model) from error
     report.seconds["total"] = time.perf_counter() - start
     return OptimizedModule(model, report, compiled)
+
+
+def _typed(error: Exception, model: nn.Module) -> Exception:
+    """The error a Dynamo failure stands for: what fxopt's backend raised (a typed error, or a
+    bug to see as it is), or a CaptureError when Dynamo itself could not trace the model (eager
+    ran the example)."""
+    if isinstance(error, torch._dynamo.exc.BackendCompilerFailed):
+        return error.inner_exception
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return CaptureError(
+        f"neither torch.export nor Dynamo could capture {type(model).__name__} (eager runs the "
+        f"example): {type(error).__name__}: {first}"
+    )
 
 
 def _describe_break(reason) -> str:

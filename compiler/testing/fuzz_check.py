@@ -157,8 +157,7 @@ def _check_call(label: str, reference, optimized, args: tuple, stateful: bool, g
     the capture derived: allowed, DESIGN.md 6)."""
     before, eager_args = _clone(args), _clone(args)
     with torch.no_grad():
-        expected = reference(*eager_args)
-        try:
+        try:  # first: a call the optimized model refuses must not move the reference's state
             actual = optimized(*args)
         except Exception as error:
             if isinstance(error, InputError) and label in guards:
@@ -166,6 +165,7 @@ def _check_call(label: str, reference, optimized, args: tuple, stateful: bool, g
             raise Mismatch(
                 "the optimized model raised", f" on {label}: {_describe(error)}"
             ) from error
+        expected = reference(*eager_args)
     expected_leaves, expected_spec = pytree.tree_flatten(expected)
     leaves, spec = pytree.tree_flatten(actual)
     if spec != expected_spec:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from .fuzz_models import EMITTERS, KNOWN_BUGS, FuzzSpec, Part, render
+from .fuzz_models import EMITTERS, KNOWN_BUGS, SWITCHES, FuzzSpec, Part, render
 from .idioms import ACTIVATIONS, IN_PLACE, VIEWS, Context, State
 from .idioms_arguments import FILLS
 from .layers import Writer
@@ -76,20 +76,23 @@ def simpler_parts(part: Part) -> Iterator[Part]:
 
 
 def check_kinds(kinds, known_bugs) -> tuple[frozenset[str], frozenset[str]]:
+    """The idiom kinds and the switches drawn: every switch not in `KNOWN_BUGS`, and those
+    of it that `known_bugs` names."""
+    chosen = kinds is not None
     kinds = frozenset(KINDS if kinds is None else kinds) - {"counter"}
-    bugs = frozenset(known_bugs)
-    if "buffer_writes" in bugs:
-        kinds |= {"counter"}
-    unknown = (kinds - set(KINDS)) | (bugs - set(KNOWN_BUGS))
+    unknown = (kinds - set(KINDS)) | (frozenset(known_bugs) - set(KNOWN_BUGS))
     if unknown:
         raise InvalidArgument(f"unknown idioms or known bugs {sorted(unknown)}")
-    return kinds, bugs
+    switches = (frozenset(SWITCHES) - frozenset(KNOWN_BUGS)) | frozenset(known_bugs)
+    if "buffer_writes" in switches and (not chosen or "buffer_writes" in known_bugs):
+        kinds |= {"counter"}  # the buffer-write idiom, unless the caller chose the kinds
+    return kinds, switches
 
 
 @st.composite
 def fuzz_specs(draw, kinds=None, known_bugs=(), depth: int = 4) -> FuzzSpec:
-    """Random model specs built from `kinds` (default: every kind in `KINDS` but the
-    known-bug ones) and the idioms the switches in `known_bugs` add."""
+    """Random model specs built from `kinds` (default: every kind in `KINDS`) and the idioms of
+    every switch not in `KNOWN_BUGS`, and of those in `known_bugs`."""
     kinds, bugs = check_kinds(kinds, known_bugs)
     mode = draw(st.sampled_from(["spatial", "tokens"]))
     channels, height, width = (

@@ -3,8 +3,9 @@
 script it prints as. The model and its inputs are built by running that script, so a failure's
 script reproduces it exactly.
 
-Some idioms meet known fxopt bugs; those are drawn only when named in `known_bugs` (see
-`KNOWN_BUGS`), so that the default strategy passes while they are being fixed.
+Some idioms are switches (`SWITCHES`: each once met an fxopt bug). A switch whose bug is open
+goes in `KNOWN_BUGS`: the default strategy leaves it out while the bug is being fixed, and
+`known_bugs` draws it on demand.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .idioms import Context, State
 from .layers import Writer
 from .source import HEADER, INIT_WEIGHTS
 
-KNOWN_BUGS = {  # switch -> the idiom it adds, and the bug it meets
+SWITCHES = {  # switch -> the idiom it adds, and the bug it met until it was fixed
     "vary_arguments": "fresh calls give int / bool arguments other values than the example's "
     "(optimize freezes non-tensor arguments at their example values)",
     "output_copies_input": "an output is a copy of an input (x.clone(), or x * scale called "
@@ -37,6 +38,9 @@ KNOWN_BUGS = {  # switch -> the idiom it adds, and the bug it meets
     "buffer_writes": "the forward writes a buffer (a counter, a running mean): verification "
     "runs the copy many times, so its state moves and the final check fails",
 }
+# The switches whose bugs are open: the default strategy leaves their idioms out, `known_bugs`
+# names them to draw them. Every switch above is fixed and drawn by default.
+KNOWN_BUGS: dict[str, str] = {}
 EMITTERS = {**idioms.EMITTERS, **idioms_arguments.EMITTERS}  # kind -> its writer
 DEFAULTS = {"mask": None, "scale": 2, "flag": True}  # the forward's arguments after x
 SIGNATURE = {"mask": "mask=None", "scale": "scale: int = 2", "flag": "flag: bool = True"}

@@ -13,9 +13,20 @@ def test_tolerance_is_relative_to_output_scale():
         max_error(a, a + 0.2)
 
 
-def test_nan_never_equals_nan():
-    a = torch.tensor([1.0, float("nan")])
-    with pytest.raises(VerificationError, match="NaN"):
+def test_nan_and_inf_count_as_equal_only_at_the_same_places():
+    nan, inf = float("nan"), float("inf")
+    a = torch.tensor([1.0, nan, -inf, 2.0])  # a fully masked attention row gives NaN in eager
+    assert max_error(a, a.clone()) == 0.0
+    for b in ([1.0, 1.0, -inf, 2.0], [1.0, nan, inf, 2.0], [nan, nan, -inf, 2.0]):
+        with pytest.raises(VerificationError, match="NaN or Inf where"):
+            max_error(a, torch.tensor(b))
+    with pytest.raises(VerificationError, match="exceeds"):  # the numbers are still checked
+        max_error(a, torch.tensor([1.0, nan, -inf, 2.5]))
+
+
+def test_a_reference_with_no_finite_value_cannot_be_verified():
+    a = torch.full((3,), float("nan"))
+    with pytest.raises(VerificationError, match="no finite value"):
         max_error(a, a.clone())
 
 

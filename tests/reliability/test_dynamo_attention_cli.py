@@ -19,7 +19,7 @@ from torch import nn
 import fxopt
 from fxopt import dynamo
 from fxopt.graph import is_op
-from fxopt.passes.canonicalize_attention import canonicalize_attention
+from fxopt.passes.canonicalize_attention import canonicalize_attention, configured
 from fxopt.report import Report
 from fxopt.testing import count_ops, graph_of
 
@@ -152,8 +152,10 @@ def qkv(*shape):
 
 
 def rewritten(model, *inputs, dynamic_batch=False):
-    """The pass's result on `model`, checked against eager on `inputs` (NaN where eager has it)."""
-    result = canonicalize_attention(graph_of(model, *inputs, dynamic_batch=dynamic_batch))
+    """The pass's result on `model`, checked against eager on `inputs` (NaN where eager has it);
+    float masks are rewritten too (``always``: the pass declines them on CPU by default)."""
+    with configured(always=True):
+        result = canonicalize_attention(graph_of(model, *inputs, dynamic_batch=dynamic_batch))
     torch.testing.assert_close(result.graph_module(*inputs), model(*inputs), equal_nan=True)
     return result
 
@@ -175,6 +177,17 @@ def test_an_input_mask_that_hides_a_whole_row_gives_nan_there_as_eager_does(bool
     out = result.graph_module(q, k, v, mask)
     assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
     assert count_ops(result.graph_module, SDPA) == 1
+
+
+def test_optimize_verifies_a_model_whose_mask_hides_a_whole_row_and_keeps_its_nan():
+    q, k, v = qkv(3, 2, 5, 8)
+    mask = key_padding(3, 5, hidden_batch=1, boolean=True)  # eager: NaN for sequence 1
+    model = MaskedAttention(fill=True)
+    fast = fxopt.optimize(model, (q, k, v, mask))
+    assert fast.report.rolled_back == [] and count_ops(fast.graph_module, SDPA) == 1
+    out = fast(q, k, v, mask)
+    torch.testing.assert_close(out, model(q, k, v, mask), equal_nan=True)
+    assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
 
 
 def test_an_input_mask_is_patched_with_a_symbolic_batch_too():

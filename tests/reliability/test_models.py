@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import InputError, VerificationError
+from fxopt.errors import CaptureError, InputError, VerificationError
 
 
 class Copies(nn.Module):
@@ -25,6 +25,56 @@ def test_an_output_that_copies_the_input_is_not_the_input():
     y = fast(x)
     y += 1
     assert torch.equal(x, before)
+
+
+def test_an_output_that_copies_the_input_is_not_the_input_through_the_dynamo_fallback_too():
+    class BranchThenCopy(nn.Module):  # the data-dependent branch sends optimize to Dynamo
+        def forward(self, x):
+            y = x * 2 if x.mean() > 0 else x * 0.5
+            return y, x.clone()
+
+    x = torch.randn(2, 3)
+    fast = fxopt.optimize(BranchThenCopy(), x)
+    assert fast.report.capture == "dynamo fallback"
+    before = x.clone()
+    _, copy = fast(x)
+    copy += 1
+    assert torch.equal(x, before)
+
+
+def test_a_graph_break_between_a_tensor_and_its_view_optimizes_through_dynamo():
+    class ViewThenBranch(nn.Module):  # the resume frame after the branch gets x and a view
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+
+        def forward(self, x):
+            first = x
+            x = x.view(x.shape[0], 2, 2, 2).permute(0, 3, 1, 2).flatten(2).transpose(1, 2)
+            x = self.linear(x) if x.mean() > 0 else x * 0.5
+            return x, first.clone()
+
+    model, x = ViewThenBranch().eval(), torch.randn(1, 4, 2)
+    fast = fxopt.optimize(model, x)
+    assert fast.report.capture == "dynamo fallback"
+    for got, expected in zip(fast(x), model(x), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_model_neither_export_nor_dynamo_can_trace_raises_capture_error(monkeypatch):
+    class Branch(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.mean() > 0 else x * 0.5
+
+    def dynamo_fails(model, **kwargs):  # as when fake tensors cannot run an op eager can
+        def compiled(*args):
+            raise torch._dynamo.exc.TorchRuntimeError("fake tensors could not run an op")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", dynamo_fails)
+    with pytest.raises(CaptureError, match="neither torch.export nor Dynamo could capture Branch"):
+        fxopt.optimize(Branch(), torch.randn(2, 3))
 
 
 def test_outputs_that_were_distinct_in_the_model_stay_distinct():

@@ -18,7 +18,7 @@ from fxopt.report import Report
 from fxopt.testing import fuzz_check
 from fxopt.testing.fuzz import FuzzFailure, Mismatch, check_model, fuzz
 from fxopt.testing.fuzz_draw import check_kinds
-from fxopt.testing.fuzz_models import FuzzSpec, Part, build, script
+from fxopt.testing.fuzz_models import KNOWN_BUGS, SWITCHES, FuzzSpec, Part, build, script
 
 aten = torch.ops.aten
 SLOW_EXAMPLES = int(os.environ.get("FXOPT_FUZZ_EXAMPLES", 1000))
@@ -195,12 +195,16 @@ def test_a_drawn_model_records_its_idioms_and_prints_as_a_script_that_checks_it(
     assert check_model(namespace["model"], namespace["make_inputs"], 1, 0).outcome == "ok"
 
 
-def test_known_bug_idioms_are_drawn_only_when_named():
+def test_every_fixed_switch_is_drawn_by_default_and_unknown_names_are_refused(monkeypatch):
     with pytest.raises(InvalidArgument, match="unknown"):
         check_kinds(None, ["no_such_bug"])
     with pytest.raises(InvalidArgument, match="unknown"):
         check_kinds(["no_such_kind"], ())
-    assert "counter" not in check_kinds(None, ())[0]
+    kinds, switches = check_kinds(None, ())
+    assert switches == set(SWITCHES) and "counter" in kinds
+    monkeypatch.setitem(KNOWN_BUGS, "buffer_writes", "reopened")  # an open bug: drawn on demand
+    kinds, switches = check_kinds(None, ())
+    assert "buffer_writes" not in switches and "counter" not in kinds
     assert "counter" in check_kinds(None, ["buffer_writes"])[0]
 
 
