@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import BuildError, FxoptError, InputError, UnsupportedError
+from ..ir.errors import BuildError, FxoptError, InputError, UnsupportedError
 from . import tvm_api as tv
 from .lower import Built
 from .runtime import TVMModule

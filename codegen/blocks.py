@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import re
 
-from fxopt.blocks import CPU_ON_CHIP_BYTES, DW_PW_BLOCK, PW_DW_PW_BLOCK, TILES, tile_for
 from fxopt.codegen import tvm_api as tv
 from fxopt.codegen.schedule_blocks import BLOCK_ATTR, schedule
+from fxopt.ir.blocks import CPU_ON_CHIP_BYTES, DW_PW_BLOCK, PW_DW_PW_BLOCK, TILES, tile_for
 
 OPAQUE = 8  # relax OpPatternKind kOpaque
 

@@ -22,7 +22,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ..capture import batch_size
-from ..errors import BuildError, UnsupportedError
+from ..ir.errors import BuildError, UnsupportedError
 from . import tvm_api as tv
 from .runtime import METADATA_FUNCTION
 

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
-from ..graph import get_attribute
+from ..ir.graph import get_attribute
 from . import tvm_api as tv
 from .lower import build, op_name, unsupported_ops
 from .runtime import TVMModule

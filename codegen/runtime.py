@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..errors import InputError
+from ..ir.errors import InputError
 from . import tvm_api as tv
 
 METADATA_FUNCTION = "fxopt_metadata"

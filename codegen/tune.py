@@ -34,7 +34,7 @@ from pathlib import Path
 from torch import fx
 
 from ..capture import batch_size
-from ..errors import InputError, UnsupportedError
+from ..ir.errors import InputError, UnsupportedError
 from ..progress import Progress, table
 from . import tvm_api as tv
 from .lower import _first_line, export, import_program

@@ -93,7 +93,7 @@ def make_target(target) -> tvm.target.Target:
     so the host CPU LLVM detects is filled in. "cuda" means `CUDA_DEFAULT` (sm_90); building
     for it needs `nvcc`, not a GPU.
     """
-    from ..errors import InputError, UnsupportedError
+    from ..ir.errors import InputError, UnsupportedError
 
     tvm = _tvm()
     if isinstance(target, tvm.target.Target):

@@ -12,11 +12,11 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from . import cost
+from .analysis import cost
 from .capture import ModelState, batch_size, capture, private_copy, unwrap
-from .errors import CaptureError, InputError, VerificationError
 from .finalize import InputSpec, finalize, input_spec, output_aliases
-from .graph import snapshot
+from .ir.errors import CaptureError, InputError, VerificationError
+from .ir.graph import snapshot
 from .pipeline import final_error, resolve, run_passes
 from .precision import Float64Reference
 from .report import Report

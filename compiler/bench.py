@@ -22,7 +22,7 @@ from torch import nn
 
 from . import models as zoo
 from .api import optimize
-from .errors import InputError
+from .ir.errors import InputError
 from .progress import Progress, table
 
 Builder = Callable[[str, nn.Module, tuple], Callable]

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import InputError, UnsupportedError
-from .graph import CONSTANT_PREFIX
+from .ir.errors import InputError, UnsupportedError
+from .ir.graph import CONSTANT_PREFIX
 from .pipeline import output_error
 from .progress import Progress
 

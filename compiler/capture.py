@@ -26,8 +26,8 @@ from torch import fx, nn
 from torch.fx.experimental import _config as shape_config
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError, InputError
 from .functionalize import functionalize
+from .ir.errors import CaptureError, InputError
 from .verify import max_error
 
 

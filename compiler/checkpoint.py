@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .graph import constant
+from .ir.graph import constant
 
 
 @dataclass(frozen=True)

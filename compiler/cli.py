@@ -19,9 +19,9 @@ from torch import nn
 from . import models as zoo
 from .api import BACKENDS, optimize
 from .bench import REPEATS, WARMUP, bench, format_rows
-from .errors import FxoptError, InputError
+from .ir.errors import FxoptError, InputError
 from .progress import table
-from .registry import list_passes
+from .rules.registry import list_passes
 
 DEBUG_HELP = "on an error, also print the Python traceback"
 TARGET_HELP = "zoo model name, timm:NAME, torchvision:NAME, hf:NAME, or path to a .py file"

@@ -24,8 +24,8 @@ import torch
 from torch import fx, nn
 
 from .capture import capture
-from .errors import CaptureError
 from .finalize import finalize, output_aliases
+from .ir.errors import CaptureError
 from .pipeline import DEFAULT_PIPELINE
 from .report import Report
 from .verify import check, input_sets

@@ -19,8 +19,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import InputError
-from .graph import CONSTANT_PREFIX, get_attribute
+from .ir.errors import InputError
+from .ir.graph import CONSTANT_PREFIX, get_attribute
 
 _EMPTY = inspect.Parameter.empty
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

@@ -13,12 +13,12 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .checkpoint import checkpoint, restore, written_in_place
-from .errors import InputError, VerificationError
-from .graph import clean
+from .ir.errors import InputError, VerificationError
+from .ir.graph import clean
 from .precision import Float64Reference
-from .registry import get_pass
 from .report import PassRecord, Report
-from .rewrite import PassResult
+from .rules.registry import get_pass
+from .rules.rewrite import PassResult
 from .verify import check_against, outputs
 
 log = logging.getLogger("fxopt")

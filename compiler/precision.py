@@ -38,7 +38,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import VerificationError
+from .ir.errors import VerificationError
 from .verify import max_error, outputs, same_non_finite, tolerance
 
 REDUCED = (torch.float32, torch.float16, torch.bfloat16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .cost import Stats
+from .analysis.cost import Stats
 
 
 @dataclass

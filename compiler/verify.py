@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import VerificationError
+from .ir.errors import VerificationError
 
 TOLERANCES = {  # dtype -> (rtol, atol)
     torch.float64: (1e-10, 1e-12),

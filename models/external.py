@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..ir.errors import InputError
 from . import hf
 
 PREFIXES = ("timm", "torchvision", "hf")

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, arg, call, is_op, mutated_nodes, val
+from fxopt.ir.graph import add_constant, arg, call, is_op, mutated_nodes, val
 from fxopt.pipeline import update_settings
-from fxopt.registry import register_pass
-from fxopt.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
-from .attention_match import (
+from ..analysis.attention_match import (
     MATMULS,
     SOFTMAXES,
     constant_value,

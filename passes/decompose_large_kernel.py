@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxopt.cost import Cost, call_overhead, conv_flops, hinted, node_roofline, roofline
-from fxopt.graph import add_constant, call, constant, is_op, owns_weights, val
-from fxopt.ops import conv
+from fxopt.analysis.cost import Cost, call_overhead, conv_flops, hinted, node_roofline, roofline
+from fxopt.ir.graph import add_constant, call, constant, is_op, owns_weights, val
+from fxopt.ir.ops import conv
 from fxopt.pipeline import ApproximateResult, update_settings
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, Rule, decline, rewrite
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 
 aten = torch.ops.aten
 # PyTorch's CPU depthwise conv leaves its fast path above 13 x 13 taps: measured on one core

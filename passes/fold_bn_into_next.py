@@ -16,12 +16,12 @@ Reference: Ioffe & Szegedy 2015; the affine-before-conv identity of pre-activati
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, arg, call, constant, owns_weights, val
-from fxopt.ops import BATCH_NORM, CONVS, Conv, batch_norm, conv, replaced_args
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.ir.graph import add_constant, arg, call, constant, owns_weights, val
+from fxopt.ir.ops import BATCH_NORM, CONVS, Conv, batch_norm, conv, replaced_args
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
 
-from .affine import bn_scale_shift, input_shift_bias, scale_input_channels
+from ..analysis.affine import bn_scale_shift, input_shift_bias, scale_input_channels
 
 NEXT_CONVS = (*CONVS, torch.ops.aten.convolution)
 

@@ -16,12 +16,21 @@ from typing import NamedTuple
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, arg, call, constant, constant_users, is_op, mutated_nodes, val
-from fxopt.ops import ANY_CONV, conv, replaced_args
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.ir.graph import (
+    add_constant,
+    arg,
+    call,
+    constant,
+    constant_users,
+    is_op,
+    mutated_nodes,
+    val,
+)
+from fxopt.ir.ops import ANY_CONV, conv, replaced_args
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
 
-from .affine import affine_bias, elementwise_affine, per_channel, scale_output_channels
+from ..analysis.affine import affine_bias, elementwise_affine, per_channel, scale_output_channels
 
 aten = torch.ops.aten
 

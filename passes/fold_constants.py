@@ -16,9 +16,9 @@ import operator
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, clean, constant, is_op, mutated_nodes, val
-from fxopt.registry import register_pass
-from fxopt.rewrite import PassResult
+from fxopt.ir.graph import add_constant, clean, constant, is_op, mutated_nodes, val
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import PassResult
 
 aten = torch.ops.aten
 

@@ -19,13 +19,13 @@ Reference: Ioffe & Szegedy 2015; SLAB (Guo et al. 2024) folds BN into the linear
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, arg, call, constant, erase_dead, is_op, owns_weights, val
-from fxopt.layout import axis_through, chain_back, follow_axis, value_users
-from fxopt.ops import BATCH_NORM, batch_norm, replaced_args
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, decline, rewrite
+from fxopt.ir.graph import add_constant, arg, call, constant, erase_dead, is_op, owns_weights, val
+from fxopt.ir.layout import axis_through, chain_back, follow_axis, value_users
+from fxopt.ir.ops import BATCH_NORM, batch_norm, replaced_args
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
 
-from .affine import (
+from ..analysis.affine import (
     affine_bias,
     bn_scale_shift,
     input_shift_bias,

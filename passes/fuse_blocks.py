@@ -35,11 +35,11 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxopt.blocks import DW_PW_BLOCK, PW_DW_PW_BLOCK, tile_for
-from fxopt.graph import arg, call, constant, is_op, mutated_nodes, only_user, owns_weights, val
-from fxopt.ops import Conv, conv
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, decline, rewrite
+from fxopt.ir.blocks import DW_PW_BLOCK, PW_DW_PW_BLOCK, tile_for
+from fxopt.ir.graph import arg, call, constant, is_op, mutated_nodes, only_user, owns_weights, val
+from fxopt.ir.ops import Conv, conv
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 

@@ -28,8 +28,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from fxopt.cost import hinted, node_roofline, roofline
-from fxopt.graph import (
+from fxopt.analysis.cost import hinted, node_roofline, roofline
+from fxopt.ir.graph import (
     add_constant,
     arg,
     call,
@@ -43,11 +43,11 @@ from fxopt.graph import (
     unchanged,
     val,
 )
-from fxopt.ops import CONVS, conv, replaced_args
-from fxopt.registry import register_pass
-from fxopt.rewrite import PassResult
+from fxopt.ir.ops import CONVS, conv, replaced_args
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import PassResult
 
-from .channel_math import concat_biases, conv_cost, linear_cost
+from ..analysis.channel_math import concat_biases, conv_cost, linear_cost
 
 aten = torch.ops.aten
 

@@ -27,11 +27,11 @@ import math
 import torch
 from torch import fx
 
-from fxopt.cost import OP_OVERHEAD_BYTES, Cost, hinted, node_roofline, roofline
-from fxopt.graph import add_constant, arg, call, is_op, val
+from fxopt.analysis.cost import OP_OVERHEAD_BYTES, Cost, hinted, node_roofline, roofline
+from fxopt.ir.graph import add_constant, arg, call, is_op, val
 from fxopt.pipeline import ApproximateResult, update_settings
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, Rule, decline, rewrite
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 
 aten = torch.ops.aten
 FEATURE_MAPS = ("elu", "relu", "focused", "learnable")

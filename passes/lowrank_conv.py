@@ -19,11 +19,11 @@ import math
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, call, constant, owns_weights
-from fxopt.ops import CONVS, conv
+from fxopt.ir.graph import add_constant, call, constant, owns_weights
+from fxopt.ir.ops import CONVS, conv
 from fxopt.pipeline import ApproximateResult
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, Rule, decline, rewrite
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 
 from .lowrank_linear import CONFIG, TAG, factored, summarize, truncate
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.graph import add_constant, call, constant, is_op, owns_weights
+from fxopt.ir.graph import add_constant, call, constant, is_op, owns_weights
 from fxopt.pipeline import ApproximateResult, update_settings
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, Rule, decline, rewrite
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 
 aten = torch.ops.aten
 # Constants this pass creates carry the tag (so they are not factored twice) and the prefix

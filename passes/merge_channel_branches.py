@@ -38,14 +38,23 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.cost import call_overhead, hinted, node_roofline, roofline
-from fxopt.graph import add_constant, arg, call, constant, constant_users, is_op, mutated_nodes, val
-from fxopt.ops import ANY_CONV, CONVS, Conv, conv
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.analysis.cost import call_overhead, hinted, node_roofline, roofline
+from fxopt.ir.graph import (
+    add_constant,
+    arg,
+    call,
+    constant,
+    constant_users,
+    is_op,
+    mutated_nodes,
+    val,
+)
+from fxopt.ir.ops import ANY_CONV, CONVS, Conv, conv
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
 
-from .channel_math import concat_biases, conv_cost, depthwise_weight
-from .kernels import dilate
+from ..analysis.channel_math import concat_biases, conv_cost, depthwise_weight
+from ..analysis.kernels import dilate
 
 aten = torch.ops.aten
 SPLITS = (aten.split, aten.split_with_sizes, aten.chunk)

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.cost import static_cost
-from fxopt.graph import add_constant, arg, call, constant, erase_dead, is_op, val
-from fxopt.layout import RESHAPES
-from fxopt.ops import Conv, conv, replaced_args
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.analysis.cost import static_cost
+from fxopt.ir.graph import add_constant, arg, call, constant, erase_dead, is_op, val
+from fxopt.ir.layout import RESHAPES
+from fxopt.ir.ops import Conv, conv, replaced_args
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
 
+from ..analysis.sequential_math import conv_as_matrix, conv_bias_as_vector
 from .fold_bn_into_next import can_skip_padding
 from .merge_sequential_convs import (
     ADDS,
@@ -40,7 +41,6 @@ from .merge_sequential_convs import (
     same_shape,
     written_in_place,
 )
-from .sequential_math import conv_as_matrix, conv_bias_as_vector
 
 aten = torch.ops.aten
 ORDER_KEEPING = (*RESHAPES, aten.contiguous, aten.clone, aten.alias, aten.squeeze, aten.unsqueeze)

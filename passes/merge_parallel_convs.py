@@ -33,8 +33,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.cost import Cost, conv_flops, hinted, static_cost
-from fxopt.graph import (
+from fxopt.analysis.cost import Cost, conv_flops, hinted, static_cost
+from fxopt.analysis.linear_combination import (
+    AVG_POOLS,
+    ConvTerm,
+    Inner,
+    LinearCombination,
+    as_conv,
+    linear_combination,
+)
+from fxopt.ir.graph import (
     add_constant,
     call,
     constant,
@@ -44,20 +52,12 @@ from fxopt.graph import (
     only_user,
     val,
 )
-from fxopt.linear_combination import (
-    AVG_POOLS,
-    ConvTerm,
-    Inner,
-    LinearCombination,
-    as_conv,
-    linear_combination,
-)
-from fxopt.ops import Conv, conv
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.ir.ops import Conv, conv
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
 
-from .kernels import avg_pool_kernel, dilate, identity_kernel, merge_kernels, undilate
-from .sequential_math import pointwise_before
+from ..analysis.kernels import avg_pool_kernel, dilate, identity_kernel, merge_kernels, undilate
+from ..analysis.sequential_math import pointwise_before
 
 aten = torch.ops.aten
 CONV_BY_DIMS = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}

@@ -33,8 +33,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxopt.cost import Cost, conv_flops, hinted, linear_flops, static_cost
-from fxopt.graph import (
+from fxopt.analysis.cost import Cost, conv_flops, hinted, linear_flops, static_cost
+from fxopt.ir.graph import (
     add_constant,
     arg,
     call,
@@ -44,12 +44,18 @@ from fxopt.graph import (
     mutated_nodes,
     val,
 )
-from fxopt.ops import CONVS, Conv, conv
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.ir.ops import CONVS, Conv, conv
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
 
+from ..analysis.sequential_math import (
+    Bias,
+    add_linears,
+    compose_linears,
+    pointwise_after,
+    pointwise_before,
+)
 from .fold_bn_into_next import can_skip_padding
-from .sequential_math import Bias, add_linears, compose_linears, pointwise_after, pointwise_before
 
 aten = torch.ops.aten
 LINEAR = (aten.linear,)

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.cost import Cost, hinted, node_roofline, roofline
-from fxopt.graph import add_constant, arg, call, clean, erase_dead, is_op, mutated_nodes, val
-from fxopt.registry import register_pass
-from fxopt.rewrite import PassResult, decline
+from fxopt.analysis.cost import Cost, hinted, node_roofline, roofline
+from fxopt.ir.graph import add_constant, arg, call, clean, erase_dead, is_op, mutated_nodes, val
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import PassResult, decline
 
-from .attention_match import (
+from ..analysis.attention_match import (
     MATMULS,
     SOFTMAXES,
     causal_mask_input,

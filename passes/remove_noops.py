@@ -14,9 +14,9 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxopt.graph import arg, is_op, mutated_nodes, val
-from fxopt.registry import register_pass
-from fxopt.rewrite import Match, PassResult, Rule, decline, rewrite
+from fxopt.ir.graph import arg, is_op, mutated_nodes, val
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 

@@ -81,7 +81,7 @@ def apply_pass(pass_fn, model, *inputs, rtol=None, atol=None, dynamic_batch: boo
     model (on `inputs` and one fresh set), and return the pass's PassResult."""
     import copy
 
-    from ..graph import clean
+    from ..ir.graph import clean
 
     reference = copy.deepcopy(model).eval()
     result = pass_fn(graph_of(reference, *inputs, dynamic_batch=dynamic_batch))
@@ -92,7 +92,7 @@ def apply_pass(pass_fn, model, *inputs, rtol=None, atol=None, dynamic_batch: boo
 
 def count_ops(gm, *ops) -> int:
     """How many nodes of `gm` call one of `ops`."""
-    from ..graph import is_op
+    from ..ir.graph import is_op
 
     return sum(is_op(node, *ops) for node in gm.graph.nodes)
 

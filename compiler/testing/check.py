@@ -20,8 +20,8 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from ..registry import get_pass
-from ..rewrite import PassResult, Rule, rewrite
+from ..rules.registry import get_pass
+from ..rules.rewrite import PassResult, Rule, rewrite
 from .example import SKIP, Outcome, example_key, run_example
 from .failure import failure_message
 from .minimize import minimize

@@ -10,8 +10,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from ..errors import VerificationError
-from ..graph import clean
+from ..ir.errors import VerificationError
+from ..ir.graph import clean
 from ..verify import check, input_sets, max_error, tolerance
 from . import graph_of
 from .failure import measure_error

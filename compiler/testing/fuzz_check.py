@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..api import optimize
-from ..errors import FxoptError, InputError, VerificationError
+from ..ir.errors import FxoptError, InputError, VerificationError
 from ..report import Report
 from ..verify import max_error
 from . import assert_equivalent

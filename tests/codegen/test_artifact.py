@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 
 pytestmark = pytest.mark.tvm
 

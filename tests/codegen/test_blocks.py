@@ -9,9 +9,9 @@ from torch import nn
 pytest.importorskip("tvm")
 
 import fxopt  # noqa: E402
-from fxopt.blocks import ON_CHIP_BYTES  # noqa: E402
 from fxopt.codegen import blocks, lower, schedule_blocks  # noqa: E402
 from fxopt.codegen import tvm_api as tv  # noqa: E402
+from fxopt.ir.blocks import ON_CHIP_BYTES  # noqa: E402
 from fxopt.passes.fold_conv_bn import fold_conv_bn  # noqa: E402
 from fxopt.passes.fuse_blocks import fuse_blocks  # noqa: E402
 from fxopt.testing import assert_equivalent, graph_of  # noqa: E402

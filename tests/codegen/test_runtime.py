@@ -6,7 +6,7 @@ from torch import nn
 
 from fxopt.codegen.lower import build
 from fxopt.codegen.runtime import TVMModule
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 from fxopt.testing import assert_equivalent
 
 pytestmark = pytest.mark.tvm

@@ -11,7 +11,7 @@ from fxopt.cli import main
 from fxopt.codegen import lower
 from fxopt.codegen import tvm_api as tv
 from fxopt.codegen.tune import DATABASE_FILE, apply_database, tune
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 
 pytestmark = pytest.mark.tvm
 

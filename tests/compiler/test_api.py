@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 
 
 def conv_bn_net() -> nn.Module:

@@ -10,7 +10,7 @@ from torch import nn
 import fxopt
 from fxopt.bench import CANDIDATES, bench, format_rows, peak_memory_bytes
 from fxopt.cli import main
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 from fxopt.progress import Progress, table
 
 MODEL = "resnet18_like"

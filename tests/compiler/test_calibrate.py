@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 from fxopt.passes import linearize_attention as la
 from fxopt.passes import lowrank_linear as lowrank
 from fxopt.pipeline import output_error

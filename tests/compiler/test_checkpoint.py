@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from fxopt.checkpoint import checkpoint, restore, written_in_place
-from fxopt.graph import constant
+from fxopt.ir.graph import constant
 from fxopt.passes.fold_conv_bn import fold_conv_bn
 from fxopt.testing import count_ops, graph_of
 

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from fxopt import cost
-from fxopt.graph import mutated_nodes, unchanged
+from fxopt.analysis import cost
+from fxopt.ir.graph import mutated_nodes, unchanged
 from fxopt.passes.fold_conv_bn import fold_conv_bn
 from fxopt.testing import graph_of
 

@@ -9,7 +9,7 @@ from torch import nn
 import fxopt
 from fxopt import Rule, register_pass, rewrite, wildcards
 from fxopt.cli import main
-from fxopt.graph import constant_users
+from fxopt.ir.graph import constant_users
 from fxopt.testing import graph_of
 
 aten = torch.ops.aten

@@ -7,8 +7,8 @@ from torch import nn
 
 import fxopt
 from fxopt import Rule, rewrite, wildcards
-from fxopt.errors import InputError
-from fxopt.graph import constant, val
+from fxopt.ir.errors import InputError
+from fxopt.ir.graph import constant, val
 from fxopt.testing import apply_pass, count_ops, graph_of
 
 aten = torch.ops.aten

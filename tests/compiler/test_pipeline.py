@@ -4,8 +4,8 @@ from torch import nn
 
 import fxopt
 from fxopt import PassResult, Rule, register_pass, rewrite
-from fxopt.errors import InputError, VerificationError
-from fxopt.graph import call, constant
+from fxopt.ir.errors import InputError, VerificationError
+from fxopt.ir.graph import call, constant
 from fxopt.pipeline import run_passes
 from fxopt.report import Report
 from fxopt.testing import graph_of

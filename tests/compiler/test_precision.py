@@ -7,7 +7,7 @@ from torch import nn
 
 import fxopt
 from fxopt import PassResult, register_pass
-from fxopt.errors import VerificationError
+from fxopt.ir.errors import VerificationError
 from fxopt.precision import Float64Reference, float64_copy, judge
 from fxopt.testing import graph_of
 
@@ -182,7 +182,7 @@ def test_assert_equivalent_can_judge_a_float32_miss_in_float64():
 def nudge_conv_weight(gm):
     """conv weight => (1 + 3e-5) * weight, as a new constant: wrong by 3e-5 relative, a few
     times the float32 bound and far more than rounding a weight costs."""
-    from fxopt.graph import add_constant, constant
+    from fxopt.ir.graph import add_constant, constant
 
     conv = next(n for n in gm.graph.nodes if n.target is aten.conv2d.default)
     nudged = constant(gm, conv.args[1]) * (1 + 3e-5)

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from fxopt import PassResult, Rule, register_pass, rewrite
-from fxopt.errors import RewriteError
-from fxopt.graph import call
-from fxopt.registry import get_pass, list_passes
+from fxopt.ir.errors import RewriteError
+from fxopt.ir.graph import call
+from fxopt.rules.registry import get_pass, list_passes
 from fxopt.testing import count_ops, graph_of
 
 aten = torch.ops.aten

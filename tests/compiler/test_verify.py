@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fxopt.errors import VerificationError
+from fxopt.ir.errors import VerificationError
 from fxopt.testing import assert_equivalent
 from fxopt.verify import max_error, random_like, tolerance
 

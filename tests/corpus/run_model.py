@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # build from configs only; never r
 import torch  # noqa: E402
 
 import fxopt  # noqa: E402
-from fxopt.cost import op_counts  # noqa: E402
-from fxopt.errors import VerificationError  # noqa: E402
+from fxopt.analysis.cost import op_counts  # noqa: E402
+from fxopt.ir.errors import VerificationError  # noqa: E402
 from fxopt.testing import assert_equivalent, graph_of  # noqa: E402
 
 OTHER_BATCH = 3

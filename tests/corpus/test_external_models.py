@@ -7,7 +7,7 @@ from torch import nn
 
 from fxopt import models
 from fxopt.cli import main
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 from fxopt.models import hf
 
 pytestmark = pytest.mark.corpus

@@ -9,7 +9,7 @@ import pytest
 
 from fxopt import models
 from fxopt.cli import main
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 from fxopt.models import external
 
 NAMES = {

@@ -4,7 +4,7 @@ control for merging two zero-padded depthwise convs (REFERENCE.md §E)."""
 import torch
 
 import fxopt
-from fxopt.passes.decompose_math import numerical_rank, tap_grid
+from fxopt.analysis.decompose_math import numerical_rank, tap_grid
 from fxopt.pipeline import DEFAULT_PIPELINE
 from fxopt.testing import count_ops
 

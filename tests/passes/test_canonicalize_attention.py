@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.graph import is_op
+from fxopt.ir.graph import is_op
 from fxopt.passes.canonicalize_attention import canonicalize_attention, configured
 from fxopt.testing import apply_pass, count_ops, graph_of
 

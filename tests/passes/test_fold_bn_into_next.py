@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.passes.affine import bn_scale_shift, input_shift_bias, scale_input_channels
+from fxopt.analysis.affine import bn_scale_shift, input_shift_bias, scale_input_channels
 from fxopt.passes.fold_bn_into_next import fold_bn_into_next
 from fxopt.testing import apply_pass, count_ops, graph_of
 from fxopt.testing.strategies import randomize_batch_norm

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.passes.affine import elementwise_affine, per_channel
+from fxopt.analysis.affine import elementwise_affine, per_channel
 from fxopt.passes.fold_channel_affine import fold_channel_affine
 from fxopt.testing import apply_pass, count_ops, graph_of
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.passes.affine import (
+from fxopt.analysis.affine import (
     affine_bias,
     bn_scale_shift,
     input_shift_bias,

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.blocks import (
+from fxopt.ir.blocks import (
     ACTIVATIONS,
     BLOCK_OPS,
     DW_PW_BLOCK,

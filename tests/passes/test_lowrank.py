@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 from fxopt.passes import lowrank_linear as lowrank
 from fxopt.passes.lowrank_conv import lowrank_conv
 from fxopt.passes.lowrank_linear import lowrank_linear, truncate

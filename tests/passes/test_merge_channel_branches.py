@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.cost import Cost, roofline, static_cost
-from fxopt.graph import is_op
-from fxopt.passes.channel_math import concat_biases, conv_cost, depthwise_weight
+from fxopt.analysis.channel_math import concat_biases, conv_cost, depthwise_weight
+from fxopt.analysis.cost import Cost, roofline, static_cost
+from fxopt.ir.graph import is_op
 from fxopt.passes.merge_channel_branches import merge_channel_branches
 from fxopt.testing import apply_pass, count_ops, graph_of
 

@@ -12,10 +12,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 import fxopt
+from fxopt.analysis.sequential_math import conv_as_matrix, conv_bias_as_vector
 from fxopt.passes.fold_conv_bn import fold_conv_bn
 from fxopt.passes.fold_linear_bn import fold_linear_bn
 from fxopt.passes.merge_conv_into_linear import merge_conv_into_linear
-from fxopt.passes.sequential_math import conv_as_matrix, conv_bias_as_vector
 from fxopt.testing import apply_pass, assert_equivalent, count_ops, graph_of
 
 aten = torch.ops.aten

@@ -9,10 +9,7 @@ from hypothesis import given, settings
 from torch import nn
 
 import fxopt
-from fxopt.graph import is_op
-from fxopt.linear_combination import linear_combination
-from fxopt.models.dbb import DiverseBranchBlock
-from fxopt.passes.kernels import (
+from fxopt.analysis.kernels import (
     avg_pool_kernel,
     dilate,
     identity_kernel,
@@ -20,10 +17,13 @@ from fxopt.passes.kernels import (
     pad_centred,
     undilate,
 )
+from fxopt.analysis.linear_combination import linear_combination
+from fxopt.ir.graph import is_op
+from fxopt.models.dbb import DiverseBranchBlock
 from fxopt.passes.merge_parallel_convs import merge_parallel_convs
 from fxopt.pipeline import DEFAULT_PIPELINE
-from fxopt.registry import get_pass
-from fxopt.rewrite import PassResult
+from fxopt.rules.registry import get_pass
+from fxopt.rules.rewrite import PassResult
 from fxopt.testing import apply_pass, assert_equivalent, count_ops, graph_of
 from fxopt.testing.multibranch import multi_branch_chain
 from fxopt.testing.strategies import randomize_batch_norm

@@ -9,11 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.cost import conv_flops, linear_flops
-from fxopt.passes.fold_conv_bn import fold_conv_bn
-from fxopt.passes.fold_linear_bn import fold_linear_bn
-from fxopt.passes.merge_sequential_convs import merge_sequential_convs
-from fxopt.passes.sequential_math import (
+from fxopt.analysis.cost import conv_flops, linear_flops
+from fxopt.analysis.sequential_math import (
     add_linears,
     compose_linears,
     dense_conv_weight,
@@ -21,6 +18,9 @@ from fxopt.passes.sequential_math import (
     pointwise_after,
     pointwise_before,
 )
+from fxopt.passes.fold_conv_bn import fold_conv_bn
+from fxopt.passes.fold_linear_bn import fold_linear_bn
+from fxopt.passes.merge_sequential_convs import merge_sequential_convs
 from fxopt.testing import apply_pass, assert_equivalent, count_ops, graph_of
 from fxopt.testing.strategies import randomize_batch_norm
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import fxopt
 import fxopt.passes.reassociate_linear_attention as module
-from fxopt.graph import val
+from fxopt.ir.graph import val
 from fxopt.passes.reassociate_linear_attention import reassociate_linear_attention
 from fxopt.testing import apply_pass, count_ops, graph_of
 

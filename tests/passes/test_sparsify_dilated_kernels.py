@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.passes.decompose_math import Grid, grid_kernel, tap_grid
-from fxopt.passes.kernels import dilate
+from fxopt.analysis.decompose_math import Grid, grid_kernel, tap_grid
+from fxopt.analysis.kernels import dilate
 from fxopt.passes.sparsify_dilated_kernels import sparsify_dilated_kernels
 from fxopt.pipeline import DEFAULT_PIPELINE
 from fxopt.testing import apply_pass, graph_of

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.graph import clean
+from fxopt.ir.graph import clean
 from fxopt.models.inceptionnext import InceptionDWConv2d
 from fxopt.passes.merge_channel_branches import merge_channel_branches
 from fxopt.passes.split_channel_kernels import (

@@ -8,14 +8,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.passes import split_separable_kernels as split_module
-from fxopt.passes.decompose_math import (
+from fxopt.analysis.decompose_math import (
     Factors,
     compose_separable,
     numerical_rank,
     rank_exceeds,
     separable_factors,
 )
+from fxopt.passes import split_separable_kernels as split_module
 from fxopt.passes.split_separable_kernels import split_separable_kernels
 from fxopt.testing import apply_pass, count_ops, graph_of
 

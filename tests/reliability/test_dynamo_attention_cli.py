@@ -18,7 +18,7 @@ from torch import nn
 
 import fxopt
 from fxopt import dynamo
-from fxopt.graph import is_op
+from fxopt.ir.graph import is_op
 from fxopt.passes.canonicalize_attention import canonicalize_attention, configured
 from fxopt.report import Report
 from fxopt.testing import count_ops, graph_of

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 from fxopt.verify import input_sets, random_like
 
 

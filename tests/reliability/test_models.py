@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import CaptureError, InputError, VerificationError
+from fxopt.ir.errors import CaptureError, InputError, VerificationError
 
 
 class Copies(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import InputError
+from fxopt.ir.errors import InputError
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm

@@ -21,10 +21,10 @@ from torch import fx
 
 import fxopt.passes.fold_bn_into_next as bn_into_next
 import fxopt.passes.fold_conv_bn as conv_bn
-from fxopt.graph import add_constant, call, constant, is_op, val
-from fxopt.ops import conv
-from fxopt.passes.affine import bn_scale_shift
-from fxopt.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.analysis.affine import bn_scale_shift
+from fxopt.ir.graph import add_constant, call, constant, is_op, val
+from fxopt.ir.ops import conv
+from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
 
 aten = torch.ops.aten
 PLAIN_CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)

@@ -7,7 +7,7 @@ import torch
 from mutants import fold_conv_bn_without_eps, merge_conv_pair
 
 from fxopt import PassResult, Rule, rewrite
-from fxopt.errors import VerificationError
+from fxopt.ir.errors import VerificationError
 from fxopt.passes import fold_conv_bn
 from fxopt.testing import PassCheckError, check_pass, graph_of, strategies
 from fxopt.testing.check import resolve_pass, set_max_examples

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import InputError
+from ..ir.errors import InputError
 from .wildcards import PatternTrace, kind_of, tracing
 
 # every dimension 4; a 1x1 kernel after the 4x4 one keeps the spatial size of a conv chain
@@ -60,7 +60,7 @@ def parameters(fn: Callable) -> list[Param]:
 
 def trace_function(fn: Callable, params: list[Param], examples: Mapping[str, Any]) -> Traced:
     """Trace `fn` with torch.export (non-strict), scalars as sentinels, tensors as examples."""
-    from .capture import _export
+    from ..capture import _export
 
     tensor_names = tuple(p.name for p in params if p.kind != "scalar")
     unknown = set(examples) - set(tensor_names)

@@ -20,8 +20,8 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
-from .errors import InputError, RewriteError
-from .graph import (
+from ..ir.errors import InputError, RewriteError
+from ..ir.graph import (
     add_constant,
     call,
     clean,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxopt.cost import Cost, call_overhead, conv_flops, roofline
+from fxopt.analysis.cost import Cost, call_overhead, conv_flops, roofline
 
 # Singular values are dropped while the dropped part's Frobenius norm stays within this many
 # units of roundoff of the kernel's own norm: storing the kernel in its dtype already moves it by

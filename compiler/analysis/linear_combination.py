@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from .graph import arg, constant, is_op, val
-from .ops import CONVS, batch_norm, conv
+from ..ir.graph import arg, constant, is_op, val
+from ..ir.ops import CONVS, batch_norm, conv
 
 aten = torch.ops.aten
 
@@ -167,7 +167,7 @@ class _Reader:
             return [(node.args[0], self.full(-1.0))], self.zeros()
         bn = batch_norm(self.gm, node)
         if bn is not None and bn.mean.numel() == self.channels:
-            from fxopt.passes.affine import bn_scale_shift  # passes import this module
+            from fxopt.analysis.affine import bn_scale_shift  # passes import this module
 
             scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
             return [(node.args[0], scale.cpu())], shift.cpu()
@@ -208,7 +208,7 @@ class _Reader:
             value = constant(self.gm, operand)
             if value is None or value.is_complex() or not value.is_floating_point():
                 return None
-        from fxopt.passes.affine import per_channel  # passes import this module
+        from fxopt.analysis.affine import per_channel  # passes import this module
 
         vector = per_channel(value.detach().cpu(), self.like.dim(), 1, self.channels)
         return vector if vector is not None and torch.isfinite(vector).all() else None

@@ -17,8 +17,8 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils import _pytree as pytree
 
-from . import blocks
-from .graph import constant, constants, is_op
+from ..ir import blocks
+from ..ir.graph import constant, constants, is_op
 
 aten = torch.ops.aten
 

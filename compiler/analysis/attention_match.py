@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.graph import arg, constant, is_op, mutated_nodes, val
+from fxopt.ir.graph import arg, constant, is_op, mutated_nodes, val
 
-from .fold_constants import is_deterministic
+from ..passes.fold_constants import is_deterministic
 
 aten = torch.ops.aten
 MATMULS = (aten.matmul, aten.bmm)

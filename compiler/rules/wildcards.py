@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from ..ir.errors import InputError
 
 aten = torch.ops.aten
 

@@ -19,8 +19,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .errors import InputError
-from .graph import constant, get_attribute, is_op
+from ..ir.errors import InputError
+from ..ir.graph import constant, get_attribute, is_op
 from .pattern_trace import Param, Traced, parameters, trace_function
 from .wildcards import is_mark
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fxopt.cost import Cost, conv_flops, linear_flops
+from fxopt.analysis.cost import Cost, conv_flops, linear_flops
 
 from .kernels import identity_kernel, pad_centred
 

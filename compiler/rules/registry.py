@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .errors import InputError
+from ..ir.errors import InputError
 from .rewrite import PassResult
 
 PassFn = Callable[[fx.GraphModule], PassResult]
@@ -67,4 +67,4 @@ def get_pass(name: str) -> PassInfo:
 
 
 def _load_builtin_passes() -> None:
-    from . import passes  # noqa: F401  (importing registers the built-in passes)
+    from .. import passes  # noqa: F401  (importing registers the built-in passes)

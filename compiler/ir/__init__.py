@@ -1,0 +1,7 @@
+"""IR, the bottom layer: the fx graph the passes see, its ops, and fxopt's errors.
+
+`graph` reads and writes nodes and weights (passes use it, not `gm` attributes), `ops` names
+ATen op groups and reads their arguments, `layout` follows one axis through reshapes, `blocks`
+defines the fused-block ops `fuse_blocks` puts in the graph, `errors` holds fxopt's exception
+types. Nothing here imports from another fxopt layer.
+"""

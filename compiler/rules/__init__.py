@@ -1,0 +1,6 @@
+"""The rule engine: what a pass is written with. Imports only `fxopt.ir` and `fxopt.analysis`.
+
+`pattern` and `wildcards` (patterns written as PyTorch code, traced by `pattern_trace`),
+`rewrite` (`Rule`, `decline` and the worklist driver that applies rules until nothing changes),
+`registry` (`register_pass`, `list_passes`).
+"""
