@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import fx
@@ -17,6 +16,7 @@ from .ir.errors import InputError, VerificationError
 from .ir.graph import clean
 from .precision import Float64Reference
 from .report import PassRecord, Report
+from .rules.approximate import ApproximateResult, update_settings  # noqa: F401  (their old home)
 from .rules.registry import get_pass
 from .rules.rewrite import PassResult
 from .verify import check_against, outputs
@@ -71,25 +71,6 @@ def resolve(passes: Sequence[str] | None, approximate: bool) -> list[str]:
 # default. Set it lower (``fxopt.pipeline.APPROXIMATE_MAX_ERROR = 0.05``) or pass
 # `approximate_max_error` to `run_passes` to keep only approximations you accept.
 APPROXIMATE_MAX_ERROR = 1.0
-
-
-def update_settings(config: dict, settings: dict) -> dict:
-    """Update an approximate pass's module-level `config` with `settings` (names it already
-    has only) and return the previous settings, so ``configure(**old)`` restores them."""
-    unknown = set(settings) - set(config)
-    if unknown:
-        raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(config)}")
-    old = dict(config)
-    config.update(settings)
-    return old
-
-
-@dataclass(frozen=True)
-class ApproximateResult(PassResult):
-    """What an approximate pass returns: a `PassResult` plus its own summary of what it gave
-    up (rank kept, energy, projection residual, ...), copied into the report."""
-
-    summary: Mapping[str, object] = field(default_factory=dict)
 
 
 def run_passes(

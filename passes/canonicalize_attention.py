@@ -34,12 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.ir.graph import add_constant, arg, call, is_op, mutated_nodes, val
-from fxopt.pipeline import update_settings
-from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
-
-from ..analysis.attention_match import (
+from fxopt.analysis.attention_match import (
     MATMULS,
     SOFTMAXES,
     constant_value,
@@ -49,6 +44,10 @@ from ..analysis.attention_match import (
     scores,
     swaps_last_two,
 )
+from fxopt.ir.graph import add_constant, arg, call, is_op, mutated_nodes, val
+from fxopt.rules.approximate import update_settings
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 

@@ -28,7 +28,7 @@ from torch import fx
 from fxopt.analysis.cost import Cost, call_overhead, conv_flops, hinted, node_roofline, roofline
 from fxopt.ir.graph import add_constant, call, constant, is_op, owns_weights, val
 from fxopt.ir.ops import conv
-from fxopt.pipeline import ApproximateResult, update_settings
+from fxopt.rules.approximate import ApproximateResult, update_settings
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 

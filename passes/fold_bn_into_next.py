@@ -16,12 +16,12 @@ Reference: Ioffe & Szegedy 2015; the affine-before-conv identity of pre-activati
 import torch
 from torch import fx
 
+from fxopt.analysis.affine import bn_scale_shift, input_shift_bias, scale_input_channels
+from fxopt.analysis.preconditions import can_skip_padding
 from fxopt.ir.graph import add_constant, arg, call, constant, owns_weights, val
-from fxopt.ir.ops import BATCH_NORM, CONVS, Conv, batch_norm, conv, replaced_args
+from fxopt.ir.ops import BATCH_NORM, CONVS, batch_norm, conv, replaced_args
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
-
-from ..analysis.affine import bn_scale_shift, input_shift_bias, scale_input_channels
 
 NEXT_CONVS = (*CONVS, torch.ops.aten.convolution)
 
@@ -37,13 +37,6 @@ def can_fold(match: Match) -> bool:
     # An unbatched conv input puts the channels on dim 0, where the norm does not look.
     same_layout = x.dim() == weight.dim() and bn.mean.numel() == weight.shape[1] * c.groups
     return same_layout and can_skip_padding(c, tuple(weight.shape[2:]))
-
-
-def can_skip_padding(c: Conv, kernel: tuple[int, ...]) -> bool:
-    """The conv never reads a padded zero, so every tap sees a normalized input value."""
-    if c.padding == "same":
-        return all(k == 1 for k in kernel)
-    return c.padding == "valid" or all(p == 0 for p in c.padding)
 
 
 def fold(match: Match) -> fx.Node:

@@ -16,6 +16,12 @@ from typing import NamedTuple
 import torch
 from torch import fx
 
+from fxopt.analysis.affine import (
+    affine_bias,
+    elementwise_affine,
+    per_channel,
+    scale_output_channels,
+)
 from fxopt.ir.graph import (
     add_constant,
     arg,
@@ -29,8 +35,6 @@ from fxopt.ir.graph import (
 from fxopt.ir.ops import ANY_CONV, conv, replaced_args
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
-
-from ..analysis.affine import affine_bias, elementwise_affine, per_channel, scale_output_channels
 
 aten = torch.ops.aten
 

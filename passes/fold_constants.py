@@ -11,39 +11,17 @@ reads (an `expand` of a small constant to a huge tensor stays an `expand`).
 Reference: classic constant folding; DCLS, PHNN (weights generated from parameters).
 """
 
-import operator
-
 import torch
 from torch import fx
 
-from fxopt.ir.graph import add_constant, clean, constant, is_op, mutated_nodes, val
+from fxopt.analysis.preconditions import is_deterministic
+from fxopt.ir.graph import add_constant, clean, constant, mutated_nodes, val
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import PassResult
 
 aten = torch.ops.aten
 
-UNINITIALIZED = (
-    aten.empty,
-    aten.empty_like,
-    aten.empty_strided,
-    aten.new_empty,
-    aten.new_empty_strided,
-    aten.empty_permuted,
-)
-DROPOUTS = (aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout)
 MAX_GROWTH, MAX_ELEMENTS = 4, 1 << 20
-
-
-def is_deterministic(node: fx.Node) -> bool:
-    """An ATen op (or tuple indexing) that computes the same value every time it runs."""
-    if node.target is operator.getitem:
-        return True
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or schema.is_mutable or is_op(node, *UNINITIALIZED):
-        return False
-    if is_op(node, *DROPOUTS):
-        return node.args[2] is False if len(node.args) > 2 else not node.kwargs.get("train")
-    return torch.Tag.nondeterministic_seeded not in node.target.tags
 
 
 def grows_memory(node: fx.Node) -> bool:

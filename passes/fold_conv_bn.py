@@ -15,12 +15,11 @@ Reference: Ioffe & Szegedy 2015.
 import torch
 from torch import fx
 
+from fxopt.analysis.affine import affine_bias, bn_scale_shift, scale_output_channels
 from fxopt.ir.graph import add_constant, arg, call, constant, is_op, owns_weights, val
 from fxopt.ir.ops import ANY_CONV, BATCH_NORM, batch_norm, conv, replaced_args
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
-
-from ..analysis.affine import affine_bias, bn_scale_shift, scale_output_channels
 
 aten = torch.ops.aten
 

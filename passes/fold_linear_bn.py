@@ -19,19 +19,18 @@ Reference: Ioffe & Szegedy 2015; SLAB (Guo et al. 2024) folds BN into the linear
 import torch
 from torch import fx
 
-from fxopt.ir.graph import add_constant, arg, call, constant, erase_dead, is_op, owns_weights, val
-from fxopt.ir.layout import axis_through, chain_back, follow_axis, value_users
-from fxopt.ir.ops import BATCH_NORM, batch_norm, replaced_args
-from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
-
-from ..analysis.affine import (
+from fxopt.analysis.affine import (
     affine_bias,
     bn_scale_shift,
     input_shift_bias,
     scale_input_channels,
     scale_output_channels,
 )
+from fxopt.ir.graph import add_constant, arg, call, constant, erase_dead, is_op, owns_weights, val
+from fxopt.ir.layout import axis_through, chain_back, follow_axis, value_users
+from fxopt.ir.ops import BATCH_NORM, batch_norm, replaced_args
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
 
 LINEAR = (torch.ops.aten.linear,)
 

@@ -28,6 +28,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from fxopt.analysis.channel_math import concat_biases, conv_cost, linear_cost
 from fxopt.analysis.cost import hinted, node_roofline, roofline
 from fxopt.ir.graph import (
     add_constant,
@@ -46,8 +47,6 @@ from fxopt.ir.graph import (
 from fxopt.ir.ops import CONVS, conv, replaced_args
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import PassResult
-
-from ..analysis.channel_math import concat_biases, conv_cost, linear_cost
 
 aten = torch.ops.aten
 

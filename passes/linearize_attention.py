@@ -29,7 +29,7 @@ from torch import fx
 
 from fxopt.analysis.cost import OP_OVERHEAD_BYTES, Cost, hinted, node_roofline, roofline
 from fxopt.ir.graph import add_constant, arg, call, is_op, val
-from fxopt.pipeline import ApproximateResult, update_settings
+from fxopt.rules.approximate import ApproximateResult, update_settings
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 

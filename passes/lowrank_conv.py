@@ -19,13 +19,12 @@ import math
 import torch
 from torch import fx
 
+from fxopt.analysis.lowrank import CONFIG, TAG, factored, summarize, truncate
 from fxopt.ir.graph import add_constant, call, constant, owns_weights
 from fxopt.ir.ops import CONVS, conv
-from fxopt.pipeline import ApproximateResult
+from fxopt.rules.approximate import ApproximateResult
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, Rule, decline, rewrite
-
-from .lowrank_linear import CONFIG, TAG, factored, summarize, truncate
 
 aten = torch.ops.aten
 

@@ -15,21 +15,16 @@ Reference: Maestro (low-rank training by SVD truncation); the Eckart-Young theor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import fx
 
+from fxopt.analysis.lowrank import CONFIG, TAG, factored, summarize, truncate
 from fxopt.ir.graph import add_constant, call, constant, is_op, owns_weights
-from fxopt.pipeline import ApproximateResult, update_settings
+from fxopt.rules.approximate import ApproximateResult, update_settings
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 
 aten = torch.ops.aten
-# Constants this pass creates carry the tag (so they are not factored twice) and the prefix
-# that `fxopt.calibrate` looks for.
-TAG = "calib_lowrank"
-CONFIG = {"energy": 0.999}
 
 
 def configure(**settings) -> dict:
@@ -39,33 +34,6 @@ def configure(**settings) -> dict:
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     return update_settings(CONFIG, settings)
-
-
-@dataclass(frozen=True)
-class Factors:
-    left: torch.Tensor  # (out, r)
-    right: torch.Tensor  # (r, in)
-    energy: float  # fraction of sum(s**2) kept
-
-    @property
-    def rank(self) -> int:
-        return self.right.shape[0]
-
-
-def truncate(matrix: torch.Tensor, energy: float) -> Factors:
-    """The smallest-rank factors L @ R of `matrix` keeping at least `energy` of sum(s**2)."""
-    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
-    squares = s.square()
-    kept = squares.cumsum(0) / squares.sum()
-    rank = min(int((kept < energy - 1e-12).sum()) + 1, len(s))
-    root = s[:rank].sqrt()
-    left, right = u[:, :rank] * root, root[:, None] * vh[:rank]
-    return Factors(left.to(matrix.dtype), right.to(matrix.dtype), float(kept[rank - 1]))
-
-
-def factored(weight: fx.Node) -> bool:
-    """Whether `weight` is a factor a low-rank pass produced."""
-    return isinstance(weight, fx.Node) and weight.op == "get_attr" and TAG in weight.target
 
 
 def plain_linear(node: fx.Node) -> list[fx.Node] | None:
@@ -108,17 +76,6 @@ def factor(match: Match, kept: list) -> fx.Node | None:
         )
     )
     return call(gm, aten.linear.default, (hidden, left, bias))
-
-
-def summarize(kept: list) -> dict:
-    """The report's account of a low-rank pass: ranks kept, the least energy kept, weights."""
-    if not kept:
-        return {}
-    return {
-        "rank kept": ", ".join(rank for rank, *_ in kept),
-        "min energy kept": min(energy for _, energy, *_ in kept),
-        "weights": f"{sum(k[2] for k in kept):,} -> {sum(k[3] for k in kept):,}",
-    }
 
 
 @register_pass("lowrank_linear", exact=False)

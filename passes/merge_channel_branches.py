@@ -38,7 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from fxopt.analysis.channel_math import concat_biases, conv_cost, depthwise_weight
 from fxopt.analysis.cost import call_overhead, hinted, node_roofline, roofline
+from fxopt.analysis.kernels import dilate
 from fxopt.ir.graph import (
     add_constant,
     arg,
@@ -52,9 +54,6 @@ from fxopt.ir.graph import (
 from fxopt.ir.ops import ANY_CONV, CONVS, Conv, conv
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
-
-from ..analysis.channel_math import concat_biases, conv_cost, depthwise_weight
-from ..analysis.kernels import dilate
 
 aten = torch.ops.aten
 SPLITS = (aten.split, aten.split_with_sizes, aten.chunk)

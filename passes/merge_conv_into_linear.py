@@ -25,22 +25,21 @@ import torch
 from torch import fx
 
 from fxopt.analysis.cost import static_cost
+from fxopt.analysis.preconditions import (
+    ADDS,
+    add_of_values,
+    add_operands,
+    can_skip_padding,
+    owns_constants,
+    same_shape,
+    written_in_place,
+)
+from fxopt.analysis.sequential_math import conv_as_matrix, conv_bias_as_vector
 from fxopt.ir.graph import add_constant, arg, call, constant, erase_dead, is_op, val
 from fxopt.ir.layout import RESHAPES
 from fxopt.ir.ops import Conv, conv, replaced_args
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
-
-from ..analysis.sequential_math import conv_as_matrix, conv_bias_as_vector
-from .fold_bn_into_next import can_skip_padding
-from .merge_sequential_convs import (
-    ADDS,
-    add_of_values,
-    add_operands,
-    owns_constants,
-    same_shape,
-    written_in_place,
-)
 
 aten = torch.ops.aten
 ORDER_KEEPING = (*RESHAPES, aten.contiguous, aten.clone, aten.alias, aten.squeeze, aten.unsqueeze)

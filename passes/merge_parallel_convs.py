@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from fxopt.analysis.cost import Cost, conv_flops, hinted, static_cost
+from fxopt.analysis.kernels import avg_pool_kernel, dilate, identity_kernel, merge_kernels, undilate
 from fxopt.analysis.linear_combination import (
     AVG_POOLS,
     ConvTerm,
@@ -42,6 +43,7 @@ from fxopt.analysis.linear_combination import (
     as_conv,
     linear_combination,
 )
+from fxopt.analysis.sequential_math import pointwise_before
 from fxopt.ir.graph import (
     add_constant,
     call,
@@ -55,9 +57,6 @@ from fxopt.ir.graph import (
 from fxopt.ir.ops import Conv, conv
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
-
-from ..analysis.kernels import avg_pool_kernel, dilate, identity_kernel, merge_kernels, undilate
-from ..analysis.sequential_math import pointwise_before
 
 aten = torch.ops.aten
 CONV_BY_DIMS = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}

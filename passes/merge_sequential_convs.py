@@ -31,73 +31,38 @@ from functools import partial
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.analysis.cost import Cost, conv_flops, hinted, linear_flops, static_cost
-from fxopt.ir.graph import (
-    add_constant,
-    arg,
-    call,
-    constant,
-    constant_users,
-    is_op,
-    mutated_nodes,
-    val,
+from fxopt.analysis.preconditions import (
+    add_of_values,
+    add_operands,
+    can_skip_padding,
+    owns_constants,
+    same_shape,
+    written_in_place,
 )
-from fxopt.ir.ops import CONVS, Conv, conv
-from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
-
-from ..analysis.sequential_math import (
+from fxopt.analysis.sequential_math import (
     Bias,
     add_linears,
     compose_linears,
     pointwise_after,
     pointwise_before,
 )
-from .fold_bn_into_next import can_skip_padding
+from fxopt.ir.graph import (
+    add_constant,
+    arg,
+    call,
+    constant,
+    is_op,
+    val,
+)
+from fxopt.ir.ops import CONVS, Conv, conv
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
 
 aten = torch.ops.aten
 LINEAR = (aten.linear,)
 CONV_OPS = (*CONVS, aten.convolution)
-ADDS = (aten.add.Tensor,)
-
-
-# -- shared preconditions (merge_conv_into_linear uses them too) -------------------------------
-
-
-def owns_constants(gm: fx.GraphModule, *nodes: fx.Node | None) -> bool:
-    """Every node given (None skipped) is a floating-point constant that no other op reads."""
-    for node in nodes:
-        tensor = constant(gm, node) if node is not None else torch.empty(0)
-        if tensor is None or not tensor.is_floating_point():
-            return False
-        if node is not None and constant_users(gm, node) != 1:
-            return False
-    return True
-
-
-def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
-    """(a, b, alpha) of `a + alpha * b` when both are graph values; None otherwise."""
-    if not is_op(node, *ADDS) or len(node.args) != 2:
-        return None
-    alpha = arg(node, 2, "alpha", 1)
-    if not all(isinstance(a, fx.Node) for a in node.args) or isinstance(alpha, bool):
-        return None
-    return (*node.args, float(alpha)) if isinstance(alpha, int | float) else None
-
-
-def same_shape(*nodes: fx.Node) -> bool:
-    shapes = [val(n).shape for n in nodes]
-    return all(len(s) == len(shapes[0]) for s in shapes) and all(
-        statically_known_true(a == b) for s in shapes[1:] for a, b in zip(s, shapes[0], strict=True)
-    )
-
-
-def written_in_place(gm: fx.GraphModule, touched) -> bool:
-    """Whether an in-place op (one the capture kept: a write into an input or buffer) may
-    write the memory of a `touched` value."""
-    return bool(mutated_nodes(gm) & set(touched))
 
 
 def new_op_cost(node_reads, weight_shape, bias_size: int, out_shape, flops: int, itemsize) -> Cost:
@@ -324,10 +289,6 @@ def merge_sum(match: Match) -> fx.Node:
     second = linear_map(gm, path_b.steps, features)
     weight, bias = add_linears(*first, *second, alpha)
     return merged_linear(gm, path_a.source, weight, bias, val(root).dtype)
-
-
-def add_of_values(node: fx.Node) -> list[fx.Node] | None:
-    return [node] if add_operands(node) is not None else None
 
 
 RULES = [

@@ -35,12 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.analysis.cost import Cost, hinted, node_roofline, roofline
-from fxopt.ir.graph import add_constant, arg, call, clean, erase_dead, is_op, mutated_nodes, val
-from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import PassResult, decline
-
-from ..analysis.attention_match import (
+from fxopt.analysis.attention_match import (
     MATMULS,
     SOFTMAXES,
     causal_mask_input,
@@ -51,6 +46,10 @@ from ..analysis.attention_match import (
     reads_scores,
     scores,
 )
+from fxopt.analysis.cost import Cost, hinted, node_roofline, roofline
+from fxopt.ir.graph import add_constant, arg, call, clean, erase_dead, is_op, mutated_nodes, val
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import PassResult, decline
 
 aten = torch.ops.aten
 CHUNK = 64

@@ -34,12 +34,11 @@ import torch
 from torch import fx
 
 from fxopt.analysis.cost import hinted, node_roofline
+from fxopt.analysis.decompose_math import Grid, conv_price, grid_kernel, out_size, tap_grid
 from fxopt.ir.graph import add_constant, call, constant, is_op, mutated_nodes, owns_weights, val
 from fxopt.ir.ops import CONVS, Conv, conv
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
-
-from ..analysis.decompose_math import Grid, conv_price, grid_kernel, out_size, tap_grid
 
 
 def sparse_conv(node: fx.Node) -> tuple[fx.Node] | None:

@@ -40,14 +40,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from fxopt.analysis.channel_math import conv_cost
 from fxopt.analysis.cost import Cost, call_overhead, hinted, node_roofline, roofline
+from fxopt.analysis.kernels import dilate
 from fxopt.ir.graph import add_constant, call, constant, mutated_nodes, owns_weights, val
 from fxopt.ir.ops import Conv, conv
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
-
-from ..analysis.channel_math import conv_cost
-from ..analysis.kernels import dilate
 
 aten = torch.ops.aten
 CONV_OF_RANK = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}

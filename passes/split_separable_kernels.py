@@ -41,12 +41,7 @@ import torch
 from torch import fx
 
 from fxopt.analysis.cost import hinted, node_roofline
-from fxopt.ir.graph import add_constant, call, constant, is_op, mutated_nodes, owns_weights, val
-from fxopt.ir.ops import Conv, conv
-from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
-
-from ..analysis.decompose_math import (
+from fxopt.analysis.decompose_math import (
     BAND_FLOP_PENALTY,
     DEPTHWISE_BAND_FLOP_PENALTY,
     MULTIPLIER_FLOP_PENALTY,
@@ -55,6 +50,10 @@ from ..analysis.decompose_math import (
     rank_exceeds,
     separable_factors,
 )
+from fxopt.ir.graph import add_constant, call, constant, is_op, mutated_nodes, owns_weights, val
+from fxopt.ir.ops import Conv, conv
+from fxopt.rules.registry import register_pass
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 

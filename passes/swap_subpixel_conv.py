@@ -41,13 +41,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from fxopt.analysis.channel_math import conv_cost
 from fxopt.analysis.cost import Cost, call_overhead, hinted, roofline
 from fxopt.ir.graph import add_constant, call, constant, is_op, mutated_nodes, owns_weights, val
 from fxopt.ir.ops import Conv, conv
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
-
-from ..analysis.channel_math import conv_cost
 
 aten = torch.ops.aten
 # A transposed conv's FLOPs cost 1 + SLOWDOWN / (output channels per group) plain-conv FLOPs on

@@ -14,7 +14,7 @@ from torch import fx
 
 from fxopt.ir.graph import arg, constant, is_op, mutated_nodes, val
 
-from ..passes.fold_constants import is_deterministic
+from .preconditions import is_deterministic
 
 aten = torch.ops.aten
 MATMULS = (aten.matmul, aten.bmm)

@@ -2,5 +2,6 @@
 
 `pattern` and `wildcards` (patterns written as PyTorch code, traced by `pattern_trace`),
 `rewrite` (`Rule`, `decline` and the worklist driver that applies rules until nothing changes),
-`registry` (`register_pass`, `list_passes`).
+`registry` (`register_pass`, `list_passes`), `approximate` (what `exact=False` passes return and
+how they are configured).
 """

@@ -5,10 +5,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
+from fxopt.analysis.lowrank import truncate
 from fxopt.ir.errors import InputError
 from fxopt.passes import lowrank_linear as lowrank
 from fxopt.passes.lowrank_conv import lowrank_conv
-from fxopt.passes.lowrank_linear import lowrank_linear, truncate
+from fxopt.passes.lowrank_linear import lowrank_linear
 from fxopt.pipeline import output_error, run_passes
 from fxopt.report import Report
 from fxopt.testing import apply_pass, count_ops, graph_of
