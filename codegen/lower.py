@@ -21,10 +21,12 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..capture import batch_size
 from ..ir.errors import BuildError, UnsupportedError
+from ..ir.export import batch_size
+from . import blocks, schedules
 from . import tvm_api as tv
 from .runtime import METADATA_FUNCTION
+from .tuning_db import apply_database, check_database
 
 # The tuning database `build` uses when it is given none (see `tuning_database`).
 _TUNING_DATABASE: list = [None]
@@ -33,10 +35,8 @@ _TUNING_DATABASE: list = [None]
 @contextmanager
 def tuning_database(path):
     """Within the block, builds (`build`, hence `fxopt.compile` and `optimize(backend="tvm")`)
-    use the MetaSchedule database in directory `path` (see `fxopt.codegen.tune`); None: none."""
+    use the MetaSchedule database in directory `path` (`fxopt.codegen.tuning_db`); None: none."""
     if path is not None:
-        from .tune import check_database
-
         path = check_database(path)
     previous = _TUNING_DATABASE[0]
     _TUNING_DATABASE[0] = path
@@ -74,7 +74,7 @@ def build(
     dynamic_batch : bool
         Keep the leading batch dimension symbolic when the graph allows it.
     database : str or Path, optional
-        A directory written by `fxopt.codegen.tune.tune`: functions it holds tuned schedules for
+        A directory written by `fxopt.tune.tune`: functions it holds tuned schedules for
         (same shapes and target) use them, fxopt's schedules cover the rest. Default: the one
         set by `tuning_database`, if any. Tuned shapes are static: with a symbolic batch
         nothing matches.
@@ -92,8 +92,6 @@ def build(
     if database is None:
         database = _TUNING_DATABASE[0]
     else:
-        from .tune import check_database
-
         database = check_database(database)
     exported, dynamic, notes = export(gm, inputs, dynamic_batch)
     mod = import_program(exported)
@@ -157,12 +155,10 @@ def import_program(exported):
 
 def converters() -> dict:
     """fxopt's converters for the torch frontend: gaps in TVM 0.27, and the fused blocks."""
-    from .blocks import CONVERTERS
-
     return {
         "convolution.default": _convert_convolution,
         "slice.Tensor": _convert_slice,
-        **CONVERTERS,
+        **blocks.CONVERTERS,
     }
 
 
@@ -225,16 +221,12 @@ def op_name(node: fx.Node) -> str | None:
 
 def lower(mod, target, database=None, notes: list | None = None):
     """fxopt's Relax pipeline: legalize and fuse, the tuned schedules of `database` (a
-    directory written by `fxopt.codegen.tune`, optional), fxopt's schedules (fused blocks, then
+    directory written by `fxopt.tune`, optional), fxopt's schedules (fused blocks, then
     convolutions and matmuls), then dlight on GPU for the rest. A note on what the database
     matched is appended to `notes`."""
-    from . import blocks, schedules
-
     try:
         mod = tv.run_passes(mod, tv.legalize_and_fuse_passes(), target)
         if database is not None:
-            from .tune import apply_database
-
             mod, tuned = apply_database(mod, target, database)
             if notes is not None:
                 which = f" ({', '.join(tuned)})" if tuned else ""

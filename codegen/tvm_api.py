@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..ir.errors import InputError, UnsupportedError
+
 if TYPE_CHECKING:  # imported on first use, see `__getattr__`
     import tvm
     from tvm import relax, runtime, s_tir, te, tirx, topi
@@ -93,8 +95,6 @@ def make_target(target) -> tvm.target.Target:
     so the host CPU LLVM detects is filled in. "cuda" means `CUDA_DEFAULT` (sm_90); building
     for it needs `nvcc`, not a GPU.
     """
-    from ..ir.errors import InputError, UnsupportedError
-
     tvm = _tvm()
     if isinstance(target, tvm.target.Target):
         return target

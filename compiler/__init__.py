@@ -20,6 +20,7 @@ import sys
 from . import models, testing
 from .api import OptimizedModule, optimize
 from .calibrate import calibrate
+from .deploy import compile, load
 from .ir import errors
 from .ir.errors import FxoptError
 from .pipeline import DEFAULT_PIPELINE
@@ -32,7 +33,7 @@ from .rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 __version__ = "0.1.0"
 
 # Old module paths, kept for users. These modules lived at the top of compiler/ (six of them in
-# passes/) before the layers; each is registered under its old name too, so that
+# passes/, `tune` in codegen/) before the layers; each is registered under its old name too, so that
 # `from fxopt.graph import constant` or `import fxopt.rewrite` gets the one module that now lives
 # in a layer. An old name that is also an attribute here keeps that attribute (`fxopt.pattern`
 # stays the function). In-repo code imports the new paths (tests/test_layers.py checks it).
@@ -55,40 +56,12 @@ _OLD_PATHS = {
     "fxopt.wildcards": "fxopt.rules.wildcards",
     "fxopt.rewrite": "fxopt.rules.rewrite",
     "fxopt.registry": "fxopt.rules.registry",
+    "fxopt.codegen.tune": "fxopt.tune",
 }
 for _old, _new in _OLD_PATHS.items():
     _parent, _, _name = _old.rpartition(".")
     sys.modules.setdefault(_old, importlib.import_module(_new))
     vars(importlib.import_module(_parent)).setdefault(_name, sys.modules[_old])
-
-
-def compile(model, example_inputs, target="llvm", dynamic_batch=True, tuning_db=None):  # noqa: A001  (DESIGN.md)
-    """Optimize `model` (default pipeline + fuse_blocks, verified) and build it with TVM.
-
-    Returns an `fxopt.codegen.artifact.Artifact`: `.module` runs it, `.export("model.so")`
-    writes one shared library (kernels, weights and call metadata inside), `.source()` is the
-    generated code, `.target` the TVM target. Building for "cuda" needs nvcc, not a GPU. An
-    llvm build is checked against the optimized graph (which was checked against the model).
-
-    `tuning_db` is a directory written by `fxopt tune` (`fxopt.codegen.tune.tune`): functions
-    it holds tuned schedules for at this shape and target use them, fxopt's schedules the rest
-    (the report's notes say how many). Tuned shapes are static, so with `tuning_db` the batch
-    is kept static (`dynamic_batch` is ignored). A missing directory raises InputError.
-    """
-    from .codegen.artifact import compile_model
-    from .codegen.lower import tuning_database
-
-    if tuning_db is not None:
-        dynamic_batch = False
-    with tuning_database(tuning_db):
-        return compile_model(model, example_inputs, target, dynamic_batch)
-
-
-def load(path):
-    """Load a library written by `Artifact.export` as an nn.Module; needs only the TVM runtime."""
-    from .codegen.artifact import load as load_artifact
-
-    return load_artifact(path)
 
 
 __all__ = [

@@ -12,36 +12,21 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .analysis import cost
-from .capture import ModelState, batch_size, capture, private_copy, unwrap
-from .finalize import InputSpec, finalize, input_spec, output_aliases
+from .capture import ModelState, capture, private_copy, unwrap
+from .codegen import partition
+from .codegen.lower import tuning_database
+from .codegen.tvm_api import check_target
+from .dynamo import optimize_with_dynamo
+from .finalize import OptimizedModule, finalize, input_spec, output_aliases
 from .ir.errors import CaptureError, InputError, VerificationError
+from .ir.export import batch_size
 from .ir.graph import snapshot
-from .pipeline import final_error, resolve, run_passes
+from .pipeline import final_error, optimize_graph, resolve
 from .precision import Float64Reference
 from .report import Report
 from .verify import input_sets, outputs
 
 BACKENDS = ("eager", "inductor", "tvm")
-
-
-class OptimizedModule(nn.Module):
-    """The optimized model: the model's call signature and output structure, plus `.report`
-    and `.graph_module`, the optimized ATen graph to read (the module that runs is a copy
-    tuned for calling, sharing its weights). A call binds as the model's would; an argument
-    outside what the graph was specialized to (`fxopt.finalize.InputSpec`) raises InputError."""
-
-    def __init__(self, graph_module: nn.Module, report: Report, runner=None, inputs=None):
-        super().__init__()
-        object.__setattr__(self, "graph_module", graph_module)  # not a submodule: no double weights
-        self.report = report
-        self._runner = graph_module if runner is None else runner
-        self._inputs: InputSpec | None = inputs
-
-    def forward(self, *args, **kwargs):
-        if self._inputs is not None:
-            args, kwargs = self._inputs.bind(args, kwargs)
-        return self._runner(*args, **kwargs)
 
 
 def optimize(
@@ -105,8 +90,6 @@ def optimize(
     model, unwrapped = unwrap(model)
     inputs = _check_arguments(model, example_inputs, backend, target)
     if tuning_db is not None:
-        from .codegen.lower import tuning_database
-
         if backend != "tvm":
             raise InputError(f"tuning_db= applies to backend='tvm' only, not {backend!r}")
         with tuning_database(tuning_db):
@@ -142,8 +125,6 @@ def _optimize(
         captured = capture(work, inputs, dynamic_batch)
         report.seconds["capture"] = time.perf_counter() - t
     except CaptureError as error:
-        from .dynamo import optimize_with_dynamo
-
         if not verify:
             _run(work, inputs)  # InputError if the example is the problem
         report.notes.append(f"whole-model capture failed, using the Dynamo fallback: {error}")
@@ -176,50 +157,10 @@ def _optimize(
     return OptimizedModule(gm, report, runner, spec)
 
 
-def optimize_graph(
-    gm: fx.GraphModule,
-    inputs: tuple,
-    names,
-    verify: bool,
-    report: Report,
-    other: int | None,
-    reference: Float64Reference | None = None,
-) -> fx.GraphModule:
-    """Run the named passes on a captured graph, filling the report's statistics and times:
-    "stats" (op counts and FLOPs before and after), "reference" (the captured graph's outputs
-    on the verification inputs), "rewrite" and "verify" (the passes' own time, and checking
-    them)."""
-    t = time.perf_counter()
-    report.before = _merge_stats(report.before, cost.stats(gm, inputs))
-    _add_seconds(report, "stats", t)
-    t = time.perf_counter()
-    sets = input_sets(inputs, n_random=2, other_batch=other) if verify else []
-    expected = outputs(gm, sets) if verify else None
-    _add_seconds(report, "reference", t)
-    gm = run_passes(gm, names, sets, report, verify, expected=expected, reference=reference)
-    t = time.perf_counter()
-    report.after = _merge_stats(report.after, cost.stats(gm, inputs))
-    _add_seconds(report, "stats", t)
-    return gm
-
-
-def _add_seconds(report: Report, phase: str, since: float) -> None:
-    report.seconds[phase] = report.seconds.get(phase, 0.0) + time.perf_counter() - since
-
-
 def other_batch(inputs: tuple, captured) -> int | None:
     """A second batch size to verify at, when the batch is symbolic."""
     batch = batch_size(inputs)
     return None if not captured.dynamic_batch or batch is None else batch + 2
-
-
-def _merge_stats(old: cost.Stats | None, new: cost.Stats) -> cost.Stats:
-    if old is None:
-        return new
-    counts = dict(old.op_counts)
-    for op, n in new.op_counts.items():
-        counts[op] = counts.get(op, 0) + n
-    return cost.Stats(dict(sorted(counts.items())), old.params + new.params, old.flops + new.flops)
 
 
 def _check_arguments(model, example_inputs, backend: str, target) -> tuple:
@@ -230,8 +171,6 @@ def _check_arguments(model, example_inputs, backend: str, target) -> tuple:
     if target is not None and backend != "tvm":
         raise InputError(f"target= applies to backend='tvm' only, not backend={backend!r}")
     if target is not None:  # a bad target must not fall back to PyTorch unnoticed
-        from .codegen.tvm_api import check_target
-
         check_target(target)  # InputError saying what targets look like
     inputs = _example_tuple(example_inputs)
     _check_signature(model, inputs)
@@ -364,12 +303,10 @@ def _backend_runner(fast: fx.GraphModule, backend: str, gm, inputs, target, dyna
 def _tvm_runner(gm: fx.GraphModule, inputs: tuple, target, dynamic: bool, report: Report):
     """Lower the optimized ATen graph with TVM (ops TVM lacks stay in PyTorch), noting the
     build in the report."""
-    from .codegen.partition import lower_for_optimize
-
     target = target if target is not None else _default_target(inputs)
     t = time.perf_counter()
     try:
-        lowered = lower_for_optimize(gm, inputs, target, dynamic)
+        lowered = partition.lower_for_optimize(gm, inputs, target, dynamic)
     except Exception as error:  # TVM gaps vary widely; the fx graph always runs
         _tvm_fallback(report, f"the TVM build failed ({type(error).__name__}: {error})")
         return None

@@ -14,20 +14,17 @@ and `ModelState` puts its buffers back where they were after optimize has run it
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.fx.experimental import _config as shape_config
 from torch.utils import _pytree as pytree
 
 from .functionalize import functionalize
 from .ir.errors import CaptureError, InputError
+from .ir.export import batch_size, export
 from .verify import max_error
 
 
@@ -147,7 +144,7 @@ def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Ca
     else:
         note = "static batch: dynamic_batch=False"
     try:
-        return Capture(_export(model, example_inputs, dynamic=False), False, note)
+        return Capture(export(model, example_inputs, dynamic=False), False, note)
     except Exception as error:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {_first_line(error)}"
@@ -156,7 +153,7 @@ def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Ca
 
 def _dynamic_capture(model: nn.Module, inputs: tuple, batch: int) -> Capture:
     try:
-        gm = _export(model, inputs, dynamic=True)
+        gm = export(model, inputs, dynamic=True)
     except Exception as error:  # export reports shape specialization in many types
         raise _Static(f"the model fixes the batch size ({_first_line(error)})") from error
     if _agrees_at_batch(model, gm, inputs, 1):  # batch 0 is neither traced nor assumed
@@ -164,7 +161,7 @@ def _dynamic_capture(model: nn.Module, inputs: tuple, batch: int) -> Capture:
     # the trace assumed batch > 1 where the model depends on it: a size-oblivious trace keeps
     # batch 1 in view, and must run the example and agree with the model at batch 1
     try:
-        oblivious = _export(model, inputs, dynamic=True, oblivious=True)
+        oblivious = export(model, inputs, dynamic=True, oblivious=True)
         if _agrees_at_batch(model, oblivious, inputs, 1) and _runs(oblivious, inputs):
             return Capture(oblivious, True)
     except Exception:  # the model branches on a batch of 1 (or 0)
@@ -208,66 +205,6 @@ def _agrees_at_batch(model: nn.Module, gm: fx.GraphModule, inputs: tuple, rows: 
     except Exception:  # a mismatch (VerificationError), or either fails at that batch
         return False
     return True
-
-
-def batch_size(inputs: tuple) -> int | None:
-    """The leading dimension shared by every tensor input, or None."""
-    sizes = {
-        t.shape[0]
-        for t in pytree.tree_leaves(inputs)
-        if isinstance(t, torch.Tensor) and t.dim() > 0
-    }
-    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
-    if len(sizes) != 1 or any(t.dim() == 0 for t in tensors):
-        return None
-    return sizes.pop()
-
-
-@contextlib.contextmanager
-def _quiet_torch_logs():
-    """torch.export prints the partial graph to stderr when it fails, its shape solver logs
-    warnings, and fake tensors log the op that failed; fxopt reports the failure itself."""
-    loggers = {logging.getLogger(name): level for name, level in _NOISY.items()}
-    levels = {logger: logger.level for logger in loggers}
-    for logger, level in loggers.items():
-        logger.setLevel(level)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for logger, level in levels.items():
-            logger.setLevel(level)
-
-
-_NOISY = {  # logger -> the level it is raised to while exporting
-    "torch.fx.experimental.symbolic_shapes": logging.ERROR,
-    "torch._subclasses.fake_tensor": logging.CRITICAL,  # it logs a failing op as an error
-}
-
-
-def _export(
-    model: nn.Module, inputs: tuple, dynamic: bool, oblivious: bool = False
-) -> fx.GraphModule:
-    """`oblivious`: trace a symbolic size without assuming it is not 0 or 1, so that a branch
-    on it becomes a guard (and, with the batch free from 0 up, an export error)."""
-    mode = contextlib.nullcontext()
-    if oblivious:
-        mode = shape_config.patch(backed_size_oblivious=True)
-    with _quiet_torch_logs(), mode:
-        return _export_now(model, inputs, dynamic)
-
-
-def _export_now(model: nn.Module, inputs: tuple, dynamic: bool) -> fx.GraphModule:
-    if not dynamic:
-        return torch.export.export(model, inputs, strict=False).module()
-    dim = torch.export.Dim("batch")
-    shapes = pytree.tree_map(lambda x: {0: dim} if isinstance(x, torch.Tensor) else None, inputs)
-    # torch.export specializes a size-1 dimension, so trace with the batch doubled.
-    traced_inputs = pytree.tree_map(
-        lambda x: torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.shape[0] == 1 else x,
-        inputs,
-    )
-    return torch.export.export(model, traced_inputs, dynamic_shapes=shapes, strict=False).module()
 
 
 def _first_line(error: BaseException) -> str:

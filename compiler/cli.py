@@ -22,6 +22,7 @@ from .bench import REPEATS, WARMUP, bench, format_rows
 from .ir.errors import FxoptError, InputError
 from .progress import table
 from .rules.registry import list_passes
+from .tune import tune
 
 DEBUG_HELP = "on an error, also print the Python traceback"
 TARGET_HELP = "zoo model name, timm:NAME, torchvision:NAME, hf:NAME, or path to a .py file"
@@ -132,8 +133,6 @@ def _add_tune(commands) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .codegen.tune import tune
-
     model, inputs = load_target(args.target, args.batch)
     summary = tune(model, inputs, args.tvm_target, args.work_dir, trials=args.trials)
     print(summary)

@@ -24,9 +24,9 @@ import torch
 from torch import fx, nn
 
 from .capture import capture
-from .finalize import finalize, output_aliases
+from .finalize import OptimizedModule, finalize, output_aliases
 from .ir.errors import CaptureError
-from .pipeline import DEFAULT_PIPELINE
+from .pipeline import DEFAULT_PIPELINE, optimize_graph
 from .report import Report
 from .verify import check, input_sets
 
@@ -142,7 +142,6 @@ class _PerWeights:
 def make_backend(names=DEFAULT_PIPELINE, verify: bool = True, report: Report | None = None):
     """A Dynamo backend that optimizes each captured graph with the named passes, once per set of
     weights it is called with (see the module docstring)."""
-    from .api import optimize_graph
 
     def backend(gm: fx.GraphModule, example_inputs):
         if not all(isinstance(x, torch.Tensor) for x in example_inputs):
@@ -188,8 +187,6 @@ def fxopt_backend(gm: fx.GraphModule, example_inputs):
 def optimize_with_dynamo(
     model: nn.Module, inputs: tuple, names, verify: bool, report: Report, start: float
 ):
-    from .api import OptimizedModule
-
     report.capture = "dynamo fallback"
     explanation = torch._dynamo.explain(model)(*inputs)
     report.graph_breaks = [_describe_break(b) for b in explanation.break_reasons]

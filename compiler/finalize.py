@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .ir.errors import InputError
 from .ir.graph import CONSTANT_PREFIX, get_attribute
+from .report import Report
 
 _EMPTY = inspect.Parameter.empty
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -347,3 +348,22 @@ def copy_aliased_outputs(gm: fx.GraphModule, aliases: tuple) -> None:
         return copied
 
     output.args = (fx.node.map_aggregate(output.args[0], maybe_copy),)
+
+
+class OptimizedModule(nn.Module):
+    """The optimized model: the model's call signature and output structure, plus `.report`
+    and `.graph_module`, the optimized ATen graph to read (the module that runs is a copy
+    tuned for calling, sharing its weights). A call binds as the model's would; an argument
+    outside what the graph was specialized to (`fxopt.finalize.InputSpec`) raises InputError."""
+
+    def __init__(self, graph_module: nn.Module, report: Report, runner=None, inputs=None):
+        super().__init__()
+        object.__setattr__(self, "graph_module", graph_module)  # not a submodule: no double weights
+        self.report = report
+        self._runner = graph_module if runner is None else runner
+        self._inputs: InputSpec | None = inputs
+
+    def forward(self, *args, **kwargs):
+        if self._inputs is not None:
+            args, kwargs = self._inputs.bind(args, kwargs)
+        return self._runner(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""The default pipeline, and the loop that runs passes with verification and rollback."""
+"""The default pipeline, the loop that runs passes with verification and rollback, and
+`optimize_graph`, which runs it on a captured graph for `optimize` and the Dynamo backend alike."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from . import passes as builtin_passes  # noqa: F401  (importing it registers them)
+from .analysis import cost
 from .checkpoint import checkpoint, restore, written_in_place
 from .ir.errors import InputError, VerificationError
 from .ir.graph import clean
@@ -19,7 +22,7 @@ from .report import PassRecord, Report
 from .rules.approximate import ApproximateResult, update_settings  # noqa: F401  (their old home)
 from .rules.registry import get_pass
 from .rules.rewrite import PassResult
-from .verify import check_against, outputs
+from .verify import check_against, input_sets, outputs
 
 log = logging.getLogger("fxopt")
 
@@ -294,3 +297,43 @@ def final_error(
     rel = max(e["rel_l2"] for e in errors.values())
     report.notes.append(f"approximate passes applied: end-to-end relative L2 error {rel:.2e}")
     return max(e["max_abs"] for e in errors.values())
+
+
+def optimize_graph(
+    gm: fx.GraphModule,
+    inputs: tuple,
+    names,
+    verify: bool,
+    report: Report,
+    other: int | None,
+    reference: Float64Reference | None = None,
+) -> fx.GraphModule:
+    """Run the named passes on a captured graph, filling the report's statistics and times:
+    "stats" (op counts and FLOPs before and after), "reference" (the captured graph's outputs
+    on the verification inputs), "rewrite" and "verify" (the passes' own time, and checking
+    them)."""
+    t = time.perf_counter()
+    report.before = _merge_stats(report.before, cost.stats(gm, inputs))
+    _add_seconds(report, "stats", t)
+    t = time.perf_counter()
+    sets = input_sets(inputs, n_random=2, other_batch=other) if verify else []
+    expected = outputs(gm, sets) if verify else None
+    _add_seconds(report, "reference", t)
+    gm = run_passes(gm, names, sets, report, verify, expected=expected, reference=reference)
+    t = time.perf_counter()
+    report.after = _merge_stats(report.after, cost.stats(gm, inputs))
+    _add_seconds(report, "stats", t)
+    return gm
+
+
+def _add_seconds(report: Report, phase: str, since: float) -> None:
+    report.seconds[phase] = report.seconds.get(phase, 0.0) + time.perf_counter() - since
+
+
+def _merge_stats(old: cost.Stats | None, new: cost.Stats) -> cost.Stats:
+    if old is None:
+        return new
+    counts = dict(old.op_counts)
+    for op, n in new.op_counts.items():
+        counts[op] = counts.get(op, 0) + n
+    return cost.Stats(dict(sorted(counts.items())), old.params + new.params, old.flops + new.flops)

@@ -31,6 +31,7 @@ from torch import fx
 
 from ..ir.graph import arg, constant, is_op, val
 from ..ir.ops import CONVS, batch_norm, conv
+from .affine import bn_scale_shift, per_channel
 
 aten = torch.ops.aten
 
@@ -167,8 +168,6 @@ class _Reader:
             return [(node.args[0], self.full(-1.0))], self.zeros()
         bn = batch_norm(self.gm, node)
         if bn is not None and bn.mean.numel() == self.channels:
-            from fxopt.analysis.affine import bn_scale_shift  # passes import this module
-
             scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
             return [(node.args[0], scale.cpu())], shift.cpu()
         return None
@@ -208,8 +207,6 @@ class _Reader:
             value = constant(self.gm, operand)
             if value is None or value.is_complex() or not value.is_floating_point():
                 return None
-        from fxopt.analysis.affine import per_channel  # passes import this module
-
         vector = per_channel(value.detach().cpu(), self.like.dim(), 1, self.channels)
         return vector if vector is not None and torch.isfinite(vector).all() else None
 

@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..ir.errors import InputError
+from ..ir.export import export
 from .wildcards import PatternTrace, kind_of, tracing
 
 # every dimension 4; a 1x1 kernel after the 4x4 one keeps the spatial size of a conv chain
@@ -60,8 +61,6 @@ def parameters(fn: Callable) -> list[Param]:
 
 def trace_function(fn: Callable, params: list[Param], examples: Mapping[str, Any]) -> Traced:
     """Trace `fn` with torch.export (non-strict), scalars as sentinels, tensors as examples."""
-    from ..capture import _export
-
     tensor_names = tuple(p.name for p in params if p.kind != "scalar")
     unknown = set(examples) - set(tensor_names)
     if unknown:
@@ -78,7 +77,7 @@ def trace_function(fn: Callable, params: list[Param], examples: Mapping[str, Any
     traces: list[PatternTrace] = []  # export restores module attributes, so keep it outside
     module = _Call(run, tensor_names, traces.append)
     try:
-        gm = _export(module, tuple(found[n] for n in tensor_names), dynamic=False)
+        gm = export(module, tuple(found[n] for n in tensor_names), dynamic=False)
     except Exception as error:
         raise InputError(f"could not trace {fn.__name__}: {first_line(error)}") from error
     return _check_scalars_used(Traced(gm, tensor_names, traces[-1], found), fn)

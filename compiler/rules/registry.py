@@ -1,4 +1,8 @@
-"""The pass registry: `@register_pass(name, exact=...)` and `list_passes()`."""
+"""The pass registry: `@register_pass(name, exact=...)` and `list_passes()`.
+
+The built-in passes register themselves when `fxopt.passes` is imported, which `fxopt.pipeline`
+does (so `import fxopt` does); this layer never imports the passes above it.
+"""
 
 from __future__ import annotations
 
@@ -54,17 +58,11 @@ def _module_doc(fn: PassFn) -> str | None:
 
 def list_passes() -> list[PassInfo]:
     """Every registered pass, built-in and user-defined, in registration order."""
-    _load_builtin_passes()
     return list(_PASSES.values())
 
 
 def get_pass(name: str) -> PassInfo:
-    _load_builtin_passes()
     if name not in _PASSES:
         known = ", ".join(sorted(_PASSES))
         raise InputError(f"unknown pass {name!r}; registered passes: {known}")
     return _PASSES[name]
-
-
-def _load_builtin_passes() -> None:
-    from .. import passes  # noqa: F401  (importing registers the built-in passes)

@@ -12,10 +12,14 @@ imported on first use:
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 
 from .. import verify  # not `from ..verify import check`: the submodule `check` would shadow it
+from ..capture import capture
+from ..ir.graph import clean, is_op
+from ..precision import float64_copy, float64_inputs, judge
 
 
 def assert_equivalent(
@@ -40,8 +44,6 @@ def assert_equivalent(
 
 
 def _float64_verdict(error, reference, candidate, sets) -> float:
-    from ..precision import float64_copy, float64_inputs, judge
-
     ref32, cand32 = verify.outputs(reference, sets), verify.outputs(candidate, sets)
     candidate = getattr(candidate, "graph_module", candidate)  # an OptimizedModule's graph
     doubles = [float64_inputs(args) for args in sets]
@@ -69,20 +71,12 @@ def _float64_verdict(error, reference, candidate, sets) -> float:
 
 def graph_of(model, *inputs, dynamic_batch: bool = False):
     """The ATen-level GraphModule a pass sees for `model(*inputs)` (an eval-mode copy)."""
-    import copy
-
-    from ..capture import capture
-
     return capture(copy.deepcopy(model).eval(), inputs, dynamic_batch).graph_module
 
 
 def apply_pass(pass_fn, model, *inputs, rtol=None, atol=None, dynamic_batch: bool = False):
     """Capture `model`, run `pass_fn` on the graph, assert the result still matches the eager
     model (on `inputs` and one fresh set), and return the pass's PassResult."""
-    import copy
-
-    from ..ir.graph import clean
-
     reference = copy.deepcopy(model).eval()
     result = pass_fn(graph_of(reference, *inputs, dynamic_batch=dynamic_batch))
     clean(result.graph_module)
@@ -92,8 +86,6 @@ def apply_pass(pass_fn, model, *inputs, rtol=None, atol=None, dynamic_batch: boo
 
 def count_ops(gm, *ops) -> int:
     """How many nodes of `gm` call one of `ops`."""
-    from ..ir.graph import is_op
-
     return sum(is_op(node, *ops) for node in gm.graph.nodes)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from . import idioms, idioms_arguments
 from .idioms import Context, State
 from .layers import Writer
-from .source import HEADER, INIT_WEIGHTS
+from .source import HEADER, INIT_WEIGHTS, randomize_batch_norm
 
 SWITCHES = {  # switch -> the idiom it adds, and the bug it met until it was fixed
     "vary_arguments": "fresh calls give int / bool arguments other values than the example's "
@@ -196,8 +196,6 @@ def mask_source(spec: FuzzSpec) -> list[str]:
 
 def model_source(spec: FuzzSpec) -> str:
     """Imports, the `Model` class, `init_weights` and `make_inputs`."""
-    from .strategies import randomize_batch_norm
-
     w, ctx = render(spec)
     signature = ", ".join(["self", "x"] + [SIGNATURE[name] for name in arguments(ctx)])
     prologue = ["B = x.shape[0]"] + (["x_in = x"] if spec.input_copy else [])

@@ -57,10 +57,20 @@ _counter = itertools.count()
 _registered: collections.deque[str] = collections.deque()  # recent sources kept in linecache
 
 
+def randomize_batch_norm(bn: nn.Module, seed: int = 0) -> nn.Module:
+    """Running statistics and affine parameters away from (0, 1) identity, in place."""
+    g = torch.Generator().manual_seed(seed)
+    n = bn.num_features
+    bn.running_mean = torch.randn(n, generator=g)
+    bn.running_var = torch.rand(n, generator=g) * 1.5 + 0.5
+    if bn.affine:
+        bn.weight.data = torch.rand(n, generator=g) + 0.5
+        bn.bias.data = torch.randn(n, generator=g) * 0.3
+    return bn
+
+
 def module_source(spec: ModelSpec) -> str:
     """Imports, the `Model` class and `init_weights`: everything but the instances."""
-    from .strategies import randomize_batch_norm
-
     w, shape = Writer(), spec.input
     for i, block in enumerate(spec.blocks):
         shape = emit(w, f"b{i}", block, shape)

@@ -19,24 +19,12 @@ from torch import nn
 
 from .draw import BLOCK_KINDS, MODIFIERS, Config
 from .draw_multi import model_specs
-from .source import build, draw_inputs, inputs_source
+from .source import build, draw_inputs, inputs_source, randomize_batch_norm
 from .spec import ModelSpec
 
 BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TRANSPOSED_CONVS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-
-
-def randomize_batch_norm(bn: nn.Module, seed: int = 0) -> nn.Module:
-    """Running statistics and affine parameters away from (0, 1) identity, in place."""
-    g = torch.Generator().manual_seed(seed)
-    n = bn.num_features
-    bn.running_mean = torch.randn(n, generator=g)
-    bn.running_var = torch.rand(n, generator=g) * 1.5 + 0.5
-    if bn.affine:
-        bn.weight.data = torch.rand(n, generator=g) + 0.5
-        bn.bias.data = torch.randn(n, generator=g) * 0.3
-    return bn
 
 
 @st.composite

@@ -10,8 +10,9 @@ import fxopt
 from fxopt.cli import main
 from fxopt.codegen import lower
 from fxopt.codegen import tvm_api as tv
-from fxopt.codegen.tune import DATABASE_FILE, apply_database, tune
+from fxopt.codegen.tuning_db import DATABASE_FILE, apply_database
 from fxopt.ir.errors import InputError
+from fxopt.tune import tune
 
 pytestmark = pytest.mark.tvm
 

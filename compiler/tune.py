@@ -5,9 +5,7 @@ The model is lowered as `fxopt.codegen.lower` lowers it, up to FuseTIR (optimize
 tuning measures kernels, so every shape must be known (a symbolic batch is tuned at the example's
 batch). MetaSchedule then searches schedules for every fused function within one global budget
 of measured trials, times fxopt's own schedule of every function the same way, and keeps the
-best in a JSON database in `work_dir` (`tuning_records.json`: per function its structural hash,
-TVMScript, target, best latency, fxopt's latency and the schedule trace; TVM 0.27's own
-JSONDatabase cannot be used, its serializer crashes on TIR). A build given that directory
+best in a JSON database in `work_dir` (`fxopt.codegen.tuning_db`). A build given that directory
 (`fxopt.compile(..., tuning_db=DIR)`, `fxopt.optimize(..., backend="tvm", tuning_db=DIR)`) uses a
 tuned schedule for every function the database holds at that shape and target when it beat
 fxopt's own, and fxopt's schedules for the rest.
@@ -22,7 +20,6 @@ compute-location and parallel mutators on this build.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
 import time
@@ -33,17 +30,19 @@ from pathlib import Path
 
 from torch import fx
 
-from ..capture import batch_size
-from ..ir.errors import InputError, UnsupportedError
-from ..progress import Progress, table
-from . import tvm_api as tv
-from .lower import _first_line, export, import_program
+from .api import optimize
+from .codegen import blocks, schedules
+from .codegen import tvm_api as tv
+from .codegen.lower import _first_line, export, import_program
+from .codegen.tuning_db import save_records
+from .ir.errors import InputError, UnsupportedError
+from .ir.export import batch_size
+from .pipeline import DEFAULT_PIPELINE
+from .progress import Progress, table
 
 DEFAULT_TRIALS = 64
 EVALUATOR_REPEATS = 3  # timings per candidate (each at least MIN_REPEAT_MS long)
 MIN_REPEAT_MS = 20
-DATABASE_FILE = "tuning_records.json"
-DATABASE_FORMAT = 1
 
 
 @dataclass
@@ -181,25 +180,8 @@ def tune(
     )
 
 
-def check_database(path) -> Path:
-    """`path` as a Path when it is a directory holding a tuning database fxopt can read, else
-    InputError."""
-    path = Path(path)
-    if not (path / DATABASE_FILE).is_file():
-        where = "does not exist" if not path.exists() else f"has no {DATABASE_FILE}"
-        raise InputError(
-            f"tuning database {str(path)!r} {where}; create one with `fxopt tune MODEL "
-            f"--work-dir {path}` or fxopt.codegen.tune.tune(model, inputs, work_dir=...)"
-        )
-    _load(path)
-    return path
-
-
 def _optimized_graph(model, inputs: tuple) -> fx.GraphModule:
     """The ATen graph `fxopt.compile` builds for `model`, with a static batch."""
-    from ..api import optimize
-    from ..pipeline import DEFAULT_PIPELINE
-
     passes = [*DEFAULT_PIPELINE, "fuse_blocks"]  # as fxopt.compile and optimize(backend="tvm")
     optimized = optimize(model, inputs, passes=passes, dynamic_batch=False)
     if optimized.report.capture != "torch.export":
@@ -269,7 +251,7 @@ def _search(mod, target, work_dir: Path, trials: int, progress: Progress) -> lis
             workload = task.dispatched[0]
             result.fxopt_seconds = _fxopt_seconds(ms, workload, target)
             baselines[tv.workload_key(workload)] = result.fxopt_seconds
-    _save(work_dir, target, database.get_all_tuning_records(), baselines)
+    save_records(work_dir, target, database.get_all_tuning_records(), baselines)
     return results
 
 
@@ -279,8 +261,6 @@ def _fxopt_seconds(ms, workload, target) -> float | None:
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
     from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
     from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
-
-    from . import blocks, schedules
 
     try:
         with target:
@@ -302,84 +282,6 @@ def _evaluator_config(ms):
     return ms.runner.EvaluatorConfig(
         number=1, repeat=EVALUATOR_REPEATS, min_repeat_ms=MIN_REPEAT_MS
     )
-
-
-def _save(work_dir: Path, target, records, baselines: dict) -> None:
-    """Merge the best record of every workload into `work_dir`'s database file, with the
-    latency of fxopt's own schedule of it (`baselines`, by workload key)."""
-    stored = {(r["key"], json.dumps(r["target"], sort_keys=True)): r for r in _load(work_dir)}
-    for record in records:
-        if not record.run_secs:
-            continue
-        seconds = sum(float(s) for s in record.run_secs) / len(record.run_secs)
-        if seconds >= 1e9:  # MetaSchedule's mark of a failed run
-            continue
-        workload = record.workload.mod
-        key = tv.workload_key(workload)
-        entry = {
-            "key": key,
-            "target": tv.target_key(target),
-            "seconds": seconds,
-            "fxopt_seconds": baselines.get(key),
-            "trace": tv.plain(record.trace.as_json(remove_postproc=False)),
-            "workload": workload.script(),
-        }
-        slot = (entry["key"], json.dumps(entry["target"], sort_keys=True))
-        if slot not in stored or seconds < stored[slot]["seconds"]:
-            stored[slot] = entry
-    data = {"format": DATABASE_FORMAT, "records": list(stored.values())}
-    (work_dir / DATABASE_FILE).write_text(json.dumps(data, indent=1) + "\n")
-
-
-def _load(work_dir: Path) -> list[dict]:
-    path = Path(work_dir) / DATABASE_FILE
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != DATABASE_FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {DATABASE_FORMAT}")
-        return list(data["records"])
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise InputError(
-            f"{str(path)!r} is not a tuning database fxopt wrote ({error}); delete it or tune "
-            "into another directory"
-        ) from None
-
-
-def _beats_fxopt(record: dict) -> bool:
-    baseline = record.get("fxopt_seconds")
-    return baseline is None or record["seconds"] < baseline
-
-
-def apply_database(mod, target, work_dir) -> tuple[object, list[str]]:
-    """`mod` (legalized and fused) with the tuned schedules of `work_dir`'s database applied to
-    the functions it holds a record for at `target`; (module, names of the tuned functions).
-
-    A function matches when its structure (shapes included) is the one tuned and the record's
-    target has the same kind and CPU / GPU architecture; other records are ignored, and so are
-    records slower than fxopt's own schedule of the function (timed when tuning). Tuned
-    functions carry `tirx.is_scheduled`, so fxopt's schedules and dlight leave them alone.
-    """
-    wanted = tv.target_key(target)
-    records = {
-        r["key"]: r
-        for r in _load(check_database(work_dir))
-        if r["target"] == wanted and _beats_fxopt(r)
-    }
-    tuned = {}
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tv.tirx.PrimFunc) or "tirx.is_scheduled" in func.attrs:
-            continue
-        record = records.get(tv.workload_key(tv.workload_of(func)))
-        if record is not None:
-            tuned[gv] = tv.apply_trace(func, record["trace"])
-    if not tuned:
-        return mod, []
-    mod = mod.clone()
-    for gv, func in tuned.items():
-        mod.update_func(gv, func)
-    return mod, sorted(gv.name_hint for gv in tuned)
 
 
 def _trials_per_round(trials: int, tasks: int) -> int:
