@@ -35,6 +35,7 @@ corpus: $(CORPUS_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check compiler passes codegen models tests examples
+	$(VENV)/bin/ruff format --check compiler passes codegen models tests examples
 
 clean:
 	rm -rf $(VENV) $(CORPUS_VENV) corpus-results.json build dist *.egg-info .pytest_cache .hypothesis
