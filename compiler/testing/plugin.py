@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 
+from fxopt import testing  # its `check` and `check_pass` load on first use: they need hypothesis
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fxopt")
@@ -31,26 +33,21 @@ _previous = pytest.StashKey[object]()
 def pytest_configure(config: pytest.Config) -> None:
     count = config.getoption("fxopt_examples", None)
     if count is not None:
-        from . import check
-
-        config.stash[_previous] = check.max_examples_override()
-        check.set_max_examples(count)
+        config.stash[_previous] = testing.check.max_examples_override()
+        testing.check.set_max_examples(count)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _previous in config.stash:
-        from . import check
-
-        check.set_max_examples(config.stash[_previous])
+        testing.check.set_max_examples(config.stash[_previous])
 
 
 @pytest.fixture
 def fxopt_check(request: pytest.FixtureRequest):
     """`check_pass`, recording each summary in the test's `user_properties`."""
-    from .check import check_pass
 
     def run(*args, **kwargs):
-        summary = check_pass(*args, **kwargs)
+        summary = testing.check_pass(*args, **kwargs)
         request.node.user_properties.append(("fxopt_check", str(summary)))
         return summary
 
