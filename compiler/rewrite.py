@@ -1,18 +1,38 @@
 """Rules and the greedy driver that applies them until nothing changes.
 
 A rule is data: a name, a pattern, a pure `check`, and a `build` that writes the replacement (or
-declines), or a `replacement` function inlined in place of the match. The driver walks the graph
-in order, tries every rule at every node, fires each one that applies, and walks again until a
-walk fires nothing: a fixed point. A rule set that keeps firing forever is a bug and raises.
-Matches that a check or build declined in the final graph are the pass's near-misses
-(`PassResult.declined`), each with the reason it gave.
+declines), or a `replacement` function inlined in place of the match.
+
+The protocol: `check(match)` analyses the match once and returns either its plan, any value
+other than False, None or a `Declined` (True where there is nothing to hand over), or
+`decline(reason)`. The driver hands the plan to `build` as `match.plan`, so a build never
+recomputes what its check found; a build returns the node that replaces the root, or
+`decline(reason)`. For example::
+
+    def can_fold(match):
+        scale = constant(match.gm, match["scale"])
+        if scale is None:
+            return decline("the scale is not a constant")
+        return Folding(scale)                  # the plan
+
+    def fold(match):
+        return call(match.gm, aten.mul.Tensor, (match["x"], match.plan.scale))
+
+A check written as a predicate (True or False) keeps working; its near-misses then read
+"can_fold returned False", which says nothing a user can act on, so the built-in rules always
+decline with a reason.
+
+The driver walks the graph in order, tries every rule at every node, fires each one that
+applies, and walks again until a walk fires nothing: a fixed point. A rule set
+that keeps firing forever is a bug and raises. Matches that a check or build declined in the
+final graph are the pass's near-misses (`PassResult.declined`), each with the reason it gave.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -58,11 +78,13 @@ class Match:
 
     ``match[i]`` is the i-th matched node; ``match["w"]`` is the value bound to a pattern
     function's parameter (or `wildcards.scalar` name) ``w``, as in ``match.bindings``.
+    `plan` is what the rule's check returned, for its build (None while the check runs).
     """
 
     gm: fx.GraphModule
     nodes: tuple[fx.Node, ...]
     bindings: Mapping[str, Any] = field(default_factory=dict)
+    plan: Any = None
 
     @property
     def root(self) -> fx.Node:
@@ -118,12 +140,14 @@ class Rule:
 
     `pattern` is a `fxopt.pattern(fn)`, a chain of ops, producer first, each feeding the next
     one's first argument (an element may be a tuple of alternative ops), or a function from a
-    node to the matched nodes (root last) or None. `check(match)` is pure; it returns a truth
-    value, or `fxopt.decline(reason)` to say why not. `build(match)` inserts the replacement and
-    returns the node that takes the root's place, or None (or a `decline`) to decline; it must
-    not change the graph when it declines. With a `fxopt.pattern`, `replacement` may stand in
-    for `build`: a PyTorch function of (some of) the pattern's parameters, inlined in place of
-    the root with the bound values.
+    node to the matched nodes (root last) or None. `check(match)` is pure; it returns the plan
+    (what it found out and `build` needs, or True when there is nothing to hand over) or
+    `fxopt.decline(reason)` to say why not. `build(match)` reads the plan as `match.plan`,
+    inserts the replacement and returns the node that takes the root's place, or a `decline`;
+    it must not change the graph when it declines. With a `fxopt.pattern`, `replacement` may
+    stand in for `build`: a PyTorch function of (some of) the pattern's parameters, inlined in
+    place of the root with the bound values. A bare False or None from `check` or `build` still
+    declines, but the report can only say "check returned False" then.
     """
 
     name: str
@@ -198,9 +222,10 @@ def _walk(
                 verdict = rule.check(match) if match is not None else None
             if match is None:
                 continue
-            if not verdict:
+            if _declines(verdict):
                 declined.setdefault(rule.name, []).append((node, verdict, "check", rule.check))
                 continue
+            match = replace(match, plan=verdict)
             with gm.graph.inserting_before(match.root):
                 replacement = rule.build(match)
             edited(memo)  # a build may edit the graph, even one that declines and undoes it
@@ -219,6 +244,12 @@ def _walk(
                 )
             break  # `node` is replaced: its other rules see the new graph on the next walk
     return fired
+
+
+def _declines(verdict: Any) -> bool:
+    """Whether a check's result declines: a `decline`, or a bare False or None (which the
+    report can only show as "check returned False"). Anything else is the plan."""
+    return verdict is None or verdict is False or isinstance(verdict, Declined)
 
 
 def _near_miss(node: fx.Node, verdict: Any, role: str, fn: Callable) -> str:
