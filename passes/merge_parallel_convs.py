@@ -87,19 +87,23 @@ class Plan:
         return [c for c in map(conv, self.removed) if c is not None]
 
 
-def branches_of_one_value(gm: fx.GraphModule, root: fx.Node) -> LinearCombination | None:
-    """`root` as a sum of two or more branches of one value, or None."""
+def sum_of_branches(gm: fx.GraphModule, root: fx.Node) -> LinearCombination | None:
+    """`root` as a sum of two or more linear branches, or None."""
     combination = linear_combination(gm, root)
-    if combination is None or len(combination.terms) < 2 or len(combination.sources) != 1:
-        return None
-    return combination
+    return combination if combination is not None and len(combination.terms) > 1 else None
 
 
 def plan(gm: fx.GraphModule, root: fx.Node) -> Plan | Declined:
     """The merged conv of the sum at `root`, or a `decline` saying why there is none."""
-    combination = branches_of_one_value(gm, root)
+    combination = sum_of_branches(gm, root)
     if combination is None:
-        return decline("not a sum of two or more branches of one value")
+        return decline("not a sum of two or more linear branches")
+    if len(combination.sources) != 1:
+        return decline(
+            "the branches read different values (a norm or nonlinearity between x and a "
+            "branch's op, a pad or inner conv that does not commute, or a branch value that "
+            "another op reads)"
+        )
     (x,) = combination.sources
     out, dims = val(root), val(root).dim() - 2
     if dims not in CONV_BY_DIMS:
@@ -141,9 +145,9 @@ def merged_cost(found: Plan, out: torch.Tensor) -> Cost:
 
 
 def parallel_branches(node: fx.Node) -> tuple[fx.Node, ...] | None:
-    """Pattern: a sum of two or more branches of one value; matches its combining ops, root
-    last. `can_merge` plans the merge (the branches themselves join the plan's nodes)."""
-    combination = branches_of_one_value(node.graph.owning_module, node)
+    """Pattern: a sum of two or more linear branches; matches its combining ops, root last.
+    `can_merge` plans the merge (the branches themselves join the plan's nodes)."""
+    combination = sum_of_branches(node.graph.owning_module, node)
     return (*(n for n in combination.nodes if n is not node), node) if combination else None
 
 
