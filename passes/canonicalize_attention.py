@@ -225,11 +225,12 @@ def slower_on_cpu(q: torch.Tensor, v: torch.Tensor, mask) -> str | None:
 
 
 def can_canonicalize(match: Match):
+    """The `Attention` to write as one SDPA call, or a `decline`."""
     return read_attention(match.gm, match.root)
 
 
 def canonicalize(match: Match) -> fx.Node:
-    gm, att = match.gm, read_attention(match.gm, match.root)
+    gm, att = match.gm, match.plan
     key = call(gm, aten.transpose.int, (att.key, -2, -1)) if att.key_is_transposed else att.key
     mask = None if att.mask is None else sdpa_mask(gm, att.mask)
     kwargs = {"attn_mask": mask, "is_causal": att.is_causal, "scale": att.scale}

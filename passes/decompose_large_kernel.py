@@ -76,7 +76,8 @@ def large_depthwise(node: fx.Node) -> list[fx.Node] | None:
     return [node] if kh == kw and kh >= CONFIG["min_kernel"] else None
 
 
-def can_decompose(match: Match) -> bool:
+def can_decompose(match: Match) -> object:
+    """The projection (square, row, column kernels and the residual), or a `decline`."""
     found = conv(match.root)
     k = val(found.weight).shape[-1]
     if k % 2 == 0 or val(match.root.args[0]).dim() != 4:
@@ -85,7 +86,16 @@ def can_decompose(match: Match) -> bool:
         return decline("dilated, or padding is not k // 2")
     if not owns_weights(match.gm, found.weight, found.bias):
         return decline("weight or bias is not a constant used only here")
-    return True
+    node = match.root
+    square, row, column, residual = project(constant(match.gm, found.weight))
+    if residual > CONFIG["max_residual"]:
+        return decline(f"projection residual {residual:.3g} exceeds {CONFIG['max_residual']}")
+    dense, split = node_roofline(node), branch_cost(node, [(3, 3), (1, k), (k, 1)])
+    if k > CPU_SLOW_KERNEL and val(node).device.type == "cpu":
+        dense *= CPU_SLOW_FACTOR
+    if split >= dense:
+        return decline(f"cost model: branches {split:.3g} >= dense conv {dense:.3g}")
+    return square, row, column, residual
 
 
 def branch_cost(node: fx.Node, kernels: list[tuple[int, int]]) -> float:
@@ -99,18 +109,11 @@ def branch_cost(node: fx.Node, kernels: list[tuple[int, int]]) -> float:
     return total + (len(kernels) - 1) * roofline(Cost(elements // 4, 3 * elements))
 
 
-def decompose(match: Match, residuals: list) -> fx.Node | None:
+def decompose(match: Match, residuals: list) -> fx.Node:
     gm, node, found = match.gm, match.root, conv(match.root)
     weight = constant(gm, found.weight)
     k = weight.shape[-1]
-    square, row, column, residual = project(weight)
-    if residual > CONFIG["max_residual"]:
-        return decline(f"projection residual {residual:.3g} exceeds {CONFIG['max_residual']}")
-    dense, split = node_roofline(node), branch_cost(node, [(3, 3), (1, k), (k, 1)])
-    if k > CPU_SLOW_KERNEL and val(node).device.type == "cpu":
-        dense *= CPU_SLOW_FACTOR
-    if split >= dense:
-        return decline(f"cost model: branches {split:.3g} >= dense conv {dense:.3g}")
+    square, row, column, residual = match.plan
     x, groups, stride = node.args[0], weight.shape[0], found.stride
     outputs = []
     for kernel, padding, bias in (

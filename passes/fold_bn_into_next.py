@@ -21,27 +21,39 @@ from fxopt.analysis.preconditions import can_skip_padding
 from fxopt.ir.graph import add_constant, arg, call, constant, owns_weights, val
 from fxopt.ir.ops import BATCH_NORM, CONVS, batch_norm, conv, replaced_args
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
 
 NEXT_CONVS = (*CONVS, torch.ops.aten.convolution)
 
 
-def can_fold(match: Match) -> bool:
+def can_fold(match: Match) -> object:
+    """The norm to fold into the conv after it, or a `decline` saying why it cannot be."""
     gm, norm, node = match.gm, match[0], match.root
     bn, c, x = batch_norm(gm, norm), conv(node), val(norm)
-    if bn is None or c is None or c.transposed or len(norm.users) != 1 or x is None:
-        return False
+    if bn is None:
+        return decline(
+            "the norm uses batch statistics (training mode or no running statistics) or "
+            "non-constant parameters"
+        )
+    if c is None or c.transposed:
+        return decline("the conv is transposed or not a conv call fxopt reads")
+    if len(norm.users) != 1:
+        return decline("the norm's output has another user")
+    if x is None:
+        return decline("the norm's value is not a tensor")
     if not owns_weights(gm, c.weight, c.bias):
-        return False
+        return decline("the conv's weight or bias is not a constant or is shared")
     weight = constant(gm, c.weight)
     # An unbatched conv input puts the channels on dim 0, where the norm does not look.
-    same_layout = x.dim() == weight.dim() and bn.mean.numel() == weight.shape[1] * c.groups
-    return same_layout and can_skip_padding(c, tuple(weight.shape[2:]))
+    if x.dim() != weight.dim() or bn.mean.numel() != weight.shape[1] * c.groups:
+        return decline("the ranks or channel counts differ")
+    if not can_skip_padding(c, tuple(weight.shape[2:])):
+        return decline("the conv pads with zeros (a padded border reads 0, not the norm's shift)")
+    return bn
 
 
 def fold(match: Match) -> fx.Node:
-    gm, norm, node = match.gm, match[0], match.root
-    bn, c = batch_norm(gm, norm), conv(node)
+    gm, norm, node, bn, c = match.gm, match[0], match.root, match.plan, conv(match.root)
     weight = constant(gm, c.weight)
     bias = constant(gm, c.bias) if c.bias is not None else None
     scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)

@@ -34,7 +34,7 @@ from fxopt.ir.graph import (
 )
 from fxopt.ir.ops import ANY_CONV, conv, replaced_args
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 
@@ -100,39 +100,62 @@ def is_private_constant(gm: fx.GraphModule, node: fx.Node | None) -> bool:
 
 
 def can_absorb(gm: fx.GraphModule, producer: fx.Node, found: Layer | None) -> bool:
-    """The conv or linear owns constant floating-point weights and its output feeds one op."""
-    if found is None or len(producer.users) != 1:
-        return False
+    """The conv or linear owns constant floating-point weights and its output feeds one op:
+    True, or a `decline` saying which does not hold."""
+    if found is None:
+        return decline(f"{producer.name} is not a conv or linear on tensors fxopt reads")
+    if len(producer.users) != 1:
+        return decline(f"the output of {producer.name} has another user")
     weight, bias = constant(gm, found.weight), found.bias
     if weight is None or not weight.is_floating_point():
-        return False
+        return decline("the weight is not a floating-point constant")
     if val(producer).shape[found.axis] != found.channels:
-        return False
-    return is_private_constant(gm, found.weight) and (bias is None or is_private_constant(gm, bias))
-
-
-def can_fold(match: Match) -> bool:
-    gm, producer, node = match.gm, match[0], match.root
-    found, value = layer(producer), operand(match)[0]
-    if not can_absorb(gm, producer, found) or val(producer).dtype != getattr(
-        val(node), "dtype", None
+        return decline("the output's channel axis does not match the weight")
+    if not is_private_constant(gm, found.weight) or not (
+        bias is None or is_private_constant(gm, bias)
     ):
-        return False
-    if value is None or value.is_complex() or not torch.isfinite(value).all():
-        return False
+        return decline("the weight or bias is shared or not a constant")
+    return True
+
+
+class Fold(NamedTuple):
+    """What `can_fold` found: the layer, the other operand and whether it comes first."""
+
+    found: Layer
+    value: torch.Tensor
+    first: bool
+
+
+def can_fold(match: Match) -> Fold | Declined:
+    gm, producer, node = match.gm, match[0], match.root
+    found, (value, first) = layer(producer), operand(match)
+    absorbs = can_absorb(gm, producer, found)
+    if isinstance(absorbs, Declined):
+        return absorbs
+    if val(producer).dtype != getattr(val(node), "dtype", None):
+        return decline("the result's dtype differs (type promotion)")
+    if value is None:
+        return decline("the operand is not a constant or a Python number")
+    if value.is_complex() or not torch.isfinite(value).all():
+        return decline("the operand is complex or not finite")
     if is_op(node, aten.div) and (value == 0).any():
-        return False
+        return decline("the divisor contains 0")
     if per_channel(value, val(producer).dim(), found.axis, found.channels) is None:
-        return False
-    touched = {found.weight, found.bias, *node.all_input_nodes}
-    return isinstance(arg(node, 2, "alpha", 1), int | float) and not touched & mutated_nodes(gm)
+        return decline(
+            "the operand is not per channel: it broadcasts over batch or spatial positions, "
+            "or would enlarge the output"
+        )
+    if not isinstance(arg(node, 2, "alpha", 1), int | float):
+        return decline("alpha is not a number")
+    if {found.weight, found.bias, *node.all_input_nodes} & mutated_nodes(gm):
+        return decline("a value involved is written in place")
+    return Fold(found, value, first)
 
 
 def fold(match: Match) -> fx.Node:
     gm, producer, node = match.gm, match[0], match.root
-    found = layer(producer)
+    found, value, first = match.plan
     weight, bias = constant(gm, found.weight), constant(gm, found.bias)
-    value, first = operand(match)
     vector = per_channel(value.to(weight.device), val(producer).dim(), found.axis, found.channels)
     op = node.target.overloadpacket.__name__
     scale, shift = elementwise_affine(op, vector, first, float(arg(node, 2, "alpha", 1)))

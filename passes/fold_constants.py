@@ -14,10 +14,10 @@ Reference: classic constant folding; DCLS, PHNN (weights generated from paramete
 import torch
 from torch import fx
 
-from fxopt.analysis.preconditions import is_deterministic
-from fxopt.ir.graph import add_constant, clean, constant, mutated_nodes, val
+from fxopt.analysis.preconditions import UNINITIALIZED, is_deterministic
+from fxopt.ir.graph import add_constant, constant, is_op, mutated_nodes, val
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import PassResult
+from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 
@@ -47,14 +47,6 @@ def constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return found
 
 
-def can_fold(node: fx.Node, constants: set[fx.Node]) -> bool:
-    """A computed tensor that a non-constant node reads. Values the graph returns stay computed:
-    returning a stored tensor would let a caller's in-place edit leak into the next call."""
-    if node.op != "call_function" or not isinstance(val(node), torch.Tensor):
-        return False
-    return any(user not in constants and user.op != "output" for user in node.users)
-
-
 def ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
     found, stack = set(), list(nodes)
     while stack:
@@ -78,16 +70,72 @@ def evaluate(gm: fx.GraphModule, targets: list[fx.Node]) -> dict[fx.Node, object
     return values
 
 
+def why_not_constant(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Why `node`, which reads only constants, is not folded (see `constant_nodes`)."""
+    if node in mutated_nodes(gm):
+        return "the value is written in place"
+    if is_op(node, *UNINITIALIZED):
+        return "it reads uninitialized memory (empty)"
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or schema.is_mutable:
+        return "the op writes in place or is not an ATen op"
+    if not is_deterministic(node):
+        return "the op is random (nondeterministic_seeded, or dropout in training)"
+    if grows_memory(node):
+        return (
+            f"folding grows memory: over {MAX_ELEMENTS} elements and over {MAX_GROWTH}x the "
+            "elements it reads"
+        )
+    return "a value it reads is written in place"
+
+
+def constant_rule(constants: set[fx.Node]) -> Rule:
+    """The rule for one run: `constants` are the nodes computed from constants alone in the
+    graph the pass started from (each folded value keeps that set valid: the value becomes a
+    constant, and the nodes that read it did not qualify before either)."""
+
+    def is_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+        if node in constants:
+            return True
+        written = node in mutated_nodes(gm)
+        return node.op == "get_attr" and not written and constant(gm, node) is not None
+
+    def computed_from_constants(node: fx.Node) -> tuple[fx.Node] | None:
+        """Pattern: an op whose inputs are all constants, read by an op that is not (a value
+        read only inside the constant subgraph folds with the value that reads it)."""
+        if node.op != "call_function":
+            return None
+        gm = node.graph.owning_module
+        if not all(is_constant(gm, n) for n in node.all_input_nodes):
+            return None
+        if node in constants and not can_fold_into(node):
+            return None
+        return (node,)
+
+    def can_fold_into(node: fx.Node) -> bool:
+        return any(user not in constants and user.op != "output" for user in node.users)
+
+    def can_fold(match: Match) -> bool:
+        node = match.root
+        if node not in constants:
+            return decline(why_not_constant(match.gm, node))
+        if not isinstance(val(node), torch.Tensor):
+            return decline("the result is not a single tensor")
+        return True
+
+    def fold(match: Match) -> fx.Node:
+        """Values the graph returns stay computed: returning a stored tensor would let a
+        caller's in-place edit leak into the next call. So the root is returned (a group
+        rewrite): its other users read the constant."""
+        gm, node = match.gm, match.root
+        folded = add_constant(gm, evaluate(gm, [node])[node], node.name)
+        node.replace_all_uses_with(folded, delete_user_cb=lambda user: user.op != "output")
+        return node
+
+    # the ops computed from weights alone, read by other ops  =>  one constant each
+    return Rule("constant-subgraph", pattern=computed_from_constants, check=can_fold, build=fold)
+
+
 @register_pass("fold_constants", exact=True)
 def fold_constants(gm: fx.GraphModule) -> PassResult:
-    constants = constant_nodes(gm)
-    targets = [node for node in gm.graph.nodes if node in constants and can_fold(node, constants)]
-    if not targets:
-        return PassResult(gm, False, {})
-    values = evaluate(gm, targets)
-    for node in targets:
-        with gm.graph.inserting_before(node):
-            folded = add_constant(gm, values[node], node.name)
-        node.replace_all_uses_with(folded, delete_user_cb=lambda user: user.op != "output")
-    clean(gm)
-    return PassResult(gm, True, {"constant-subgraph": len(targets)})
+    return rewrite(gm, [constant_rule(constant_nodes(gm))])

@@ -19,26 +19,39 @@ from fxopt.analysis.affine import affine_bias, bn_scale_shift, scale_output_chan
 from fxopt.ir.graph import add_constant, arg, call, constant, is_op, owns_weights, val
 from fxopt.ir.ops import ANY_CONV, BATCH_NORM, batch_norm, conv, replaced_args
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 
 
-def can_fold(match: Match) -> bool:
+BATCH_STATISTICS = (
+    "the norm uses batch statistics (training mode or no running statistics) or "
+    "non-constant parameters"
+)
+
+
+def can_fold(match: Match) -> object:
+    """The norm to fold into the conv, or a `decline` saying why it cannot be."""
     gm, producer, norm = match.gm, match[0], match.root
     c, bn = conv(producer), batch_norm(gm, norm)
-    if c is None or bn is None or len(producer.users) != 1:
-        return False
+    if c is None:
+        return decline(f"{producer.name} is not a conv call fxopt reads")
+    if bn is None:
+        return decline(BATCH_STATISTICS)
+    if len(producer.users) != 1:
+        return decline("the conv output has another user")
     if not owns_weights(gm, c.weight, c.bias):
-        return False
+        return decline("the conv's weight or bias is not a constant or is shared")
     out, weight = producer.meta["val"], constant(gm, c.weight)
-    # an unbatched conv's dim 1 is space, not channels
-    return out.dim() == weight.dim() and bn.mean.numel() == out.shape[1]
+    if out.dim() != weight.dim():  # an unbatched conv's dim 1 is space, not channels
+        return decline("the conv input is unbatched")
+    if bn.mean.numel() != out.shape[1]:
+        return decline("the channel counts differ")
+    return bn
 
 
 def fold(match: Match) -> fx.Node:
-    gm, producer = match.gm, match[0]
-    bn = batch_norm(gm, match.root)
+    gm, producer, bn = match.gm, match[0], match.plan
     scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
     return folded_conv(gm, producer, scale, shift)
 
@@ -71,26 +84,34 @@ def convs_then_norm(node: fx.Node) -> list[fx.Node] | None:
     return [*parts, joined, node]
 
 
-def can_fold_cat(match: Match) -> bool:
+def can_fold_cat(match: Match) -> object:
+    """The norm to fold into the cat's convs, or a `decline` saying why it cannot be."""
     gm, (*parts, joined, norm) = match.gm, match.nodes
     bn, out = batch_norm(gm, norm), val(joined)
-    if bn is None or out is None or out.dim() < 2 or len(joined.users) != 1:
-        return False
+    if bn is None:
+        return decline(BATCH_STATISTICS)
+    if out is None or out.dim() < 2:
+        return decline("the cat's value is not a batched tensor")
+    if len(joined.users) != 1:
+        return decline("the cat has another user")
     if arg(joined, 1, "dim", 0) % out.dim() != 1:
-        return False
+        return decline("the cat joins along another axis than the channels")
     for part in parts:
         c = conv(part)
-        if list(part.users) != [joined] or not owns_weights(gm, c.weight, c.bias):
-            return False
+        if list(part.users) != [joined]:
+            return decline(f"the conv {part.name} has another user")
+        if not owns_weights(gm, c.weight, c.bias):
+            return decline(f"the weight or bias of {part.name} is not a constant or is shared")
         if val(part).dim() != constant(gm, c.weight).dim():  # unbatched: dim 1 is space
-            return False
-    return bn.mean.numel() == out.shape[1]
+            return decline(f"the input of {part.name} is unbatched")
+    if bn.mean.numel() != out.shape[1]:
+        return decline("the channel counts differ")
+    return bn
 
 
 def fold_cat(match: Match) -> fx.Node:
     """Each conv takes the norm's map for its own slice of the channels."""
-    gm, (*parts, joined, norm) = match.gm, match.nodes
-    bn = batch_norm(gm, norm)
+    gm, (*parts, joined, _), bn = match.gm, match.nodes, match.plan
     scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
     folded, start = [], 0
     for part in parts:

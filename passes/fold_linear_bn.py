@@ -45,26 +45,46 @@ def norm_then_linear(node: fx.Node) -> list[fx.Node] | None:
     return chain_back(node, BATCH_NORM) if is_op(node, *LINEAR) else None
 
 
-def can_fold_after(match: Match) -> bool:
-    """linear -> bn: the norm normalizes the linear's output features, its only use."""
+def can_fold_after(match: Match) -> object:
+    """linear -> bn: the norm normalizes the linear's output features, its only use. The plan
+    is the norm."""
     gm, linear, norm = match.gm, match[0], match.root
     bn, out, normed = batch_norm(gm, norm), val(linear), val(norm)
-    if bn is None or out is None or normed is None or normed.dim() < 2:
-        return False
-    if not owns_linear(gm, linear) or axis_through(match.nodes, out.dim() - 1) != 1:
-        return False
-    return bn.mean.numel() == _weight(gm, linear).shape[0]
+    if bn is None:
+        return decline(BATCH_STATISTICS)
+    if out is None or normed is None or normed.dim() < 2:
+        return decline("the norm's input is not a batched tensor")
+    if not owns_linear(gm, linear):
+        return decline("the linear's weight or bias is not a constant or is shared")
+    if axis_through(match.nodes, out.dim() - 1) != 1:
+        return decline("a layout op mixes the channel axis with others")
+    if bn.mean.numel() != _weight(gm, linear).shape[0]:
+        return decline("the channel counts differ")
+    return bn
 
 
-def can_fold_before(match: Match) -> bool:
-    """bn -> linear: the norm's output feeds only the linear, over its input features."""
+def can_fold_before(match: Match) -> object:
+    """bn -> linear: the norm's output feeds only the linear, over its input features. The
+    plan is the norm."""
     gm, norm, linear = match.gm, match[0], match.root
     bn, x, features = batch_norm(gm, norm), val(norm), val(linear.args[0])
-    if bn is None or x is None or features is None or x.dim() < 2:
-        return False
-    if not owns_linear(gm, linear) or axis_through(match.nodes, 1) != features.dim() - 1:
-        return False
-    return bn.mean.numel() == _weight(gm, linear).shape[1]
+    if bn is None:
+        return decline(BATCH_STATISTICS)
+    if x is None or features is None or x.dim() < 2:
+        return decline("the norm's input is not a batched tensor")
+    if not owns_linear(gm, linear):
+        return decline("the linear's weight or bias is not a constant or is shared")
+    if axis_through(match.nodes, 1) != features.dim() - 1:
+        return decline("a layout op mixes the channel axis with others")
+    if bn.mean.numel() != _weight(gm, linear).shape[1]:
+        return decline("the channel counts differ")
+    return bn
+
+
+BATCH_STATISTICS = (
+    "the norm uses batch statistics (training mode or no running statistics) or "
+    "non-constant parameters"
+)
 
 
 def owns_linear(gm: fx.GraphModule, linear: fx.Node) -> bool:
@@ -73,8 +93,7 @@ def owns_linear(gm: fx.GraphModule, linear: fx.Node) -> bool:
 
 def fold_after(match: Match) -> fx.Node:
     """The folded linear goes where the old one was; the layout ops now read it."""
-    gm, linear = match.gm, match[0]
-    bn = batch_norm(gm, match.root)
+    gm, linear, bn = match.gm, match[0], match.plan
     weight, bias = _weight(gm, linear), _bias(gm, linear)
     scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
     with gm.graph.inserting_before(linear.next):
@@ -92,8 +111,7 @@ def fold_after(match: Match) -> fx.Node:
 
 def fold_before(match: Match) -> fx.Node:
     """The layout ops read the norm's input; the linear takes the norm's map."""
-    gm, norm, linear = match.gm, match[0], match.root
-    bn = batch_norm(gm, norm)
+    gm, norm, linear, bn = match.gm, match[0], match.root, match.plan
     weight, bias = _weight(gm, linear), _bias(gm, linear)
     scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
     args, kwargs = _with_weights(
@@ -118,7 +136,7 @@ def can_fold_before_each(match: Match):
     gm, norm, shared = match.gm, match[0], match.root
     bn, x, features = batch_norm(gm, norm), val(norm), val(shared)
     if bn is None or x is None or features is None or x.dim() < 2:
-        return decline("not an eval-mode batch norm with known shapes")
+        return decline("not an eval-mode batch norm with constant statistics and known shapes")
     axis = axis_through(match.nodes, 1)
     if shared is not norm and axis is not None:
         axis = follow_axis(shared, axis)
@@ -129,14 +147,13 @@ def can_fold_before_each(match: Match):
             return decline(f"{linear.name}'s weight or bias is not a constant it alone reads")
         if _weight(gm, linear).shape[1] != bn.mean.numel():
             return decline(f"{linear.name} takes {_weight(gm, linear).shape[1]} features")
-    return True
+    return bn
 
 
 def fold_before_each(match: Match) -> fx.Node:
     """Each linear takes the norm's map; the layout ops read the norm's input. Returns the
     shared value (the match's root), which stays."""
-    gm, norm, shared = match.gm, match[0], match.root
-    bn = batch_norm(gm, norm)
+    gm, norm, shared, bn = match.gm, match[0], match.root, match.plan
     scale, shift = bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
     source = arg(norm, 0, "input")
     for linear in value_users(shared):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import torch
 from torch import fx
@@ -34,19 +34,16 @@ from fxopt.ir.graph import (
     add_constant,
     arg,
     call,
-    clean,
     constant,
     constant_users,
-    edited,
     erase_dead,
     is_op,
     mutated_nodes,
-    unchanged,
     val,
 )
 from fxopt.ir.ops import CONVS, conv, replaced_args
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import PassResult
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 
@@ -175,38 +172,96 @@ def fuse(gm: fx.GraphModule, group: list[fx.Node]) -> None:
         erase_dead(gm, node)
 
 
-def sibling_groups(gm: fx.GraphModule, x: fx.Node, order: dict) -> list[list[fx.Node]]:
-    """The users of `x` that may fuse, grouped by what they must share, in graph order."""
+def sibling_groups(gm: fx.GraphModule, x: fx.Node, linear: bool) -> list[list[fx.Node]]:
+    """The linear (or conv) users of `x` that may fuse, grouped by what they must share, in
+    graph order."""
     groups: defaultdict[tuple, list[fx.Node]] = defaultdict(list)
     if not isinstance(val(x), torch.Tensor):
         return []
-    for node in sorted(x.users, key=lambda user: order.get(user, len(order))):
-        key = sibling_key(gm, node, x)
+    for node in sorted(x.users):  # fx nodes order as they stand in the graph
+        key = sibling_key(gm, node, x) if is_op(node, aten.linear) == linear else None
         if key is not None:
             groups[key].append(node)
     return [group for group in groups.values() if len(group) > 1]
 
 
+def siblings(linear: bool):
+    """Pattern: a value that two or more linears (or convs) read as their input; matches the
+    value, which stays (the rule fuses its users)."""
+
+    def pattern(x: fx.Node) -> tuple[fx.Node] | None:
+        readers = [
+            n
+            for n in x.users
+            if n.args
+            and n.args[0] is x
+            and is_op(n, aten.linear) == linear
+            and weight_and_bias(n) is not None
+        ]
+        return (x,) if len(readers) > 1 else None
+
+    return pattern
+
+
+def can_fuse(match: Match, linear: bool) -> list[fx.Node] | Declined:
+    """The first group of siblings to fuse, or a `decline` saying why none qualifies."""
+    gm, x = match.gm, match.root
+    written = mutated_nodes(gm)
+    if x in written:
+        return decline("the shared input is written in place")
+    groups = sibling_groups(gm, x, linear)
+    why = decline(
+        "fewer than two siblings qualify: they differ in overload, weight shape past dim 0, "
+        "stride, padding or dilation, or a weight or bias is not a floating constant of x's "
+        "dtype that no other op reads (or a conv is transposed or grouped)"
+    )
+    for group in groups:
+        group = viewable([n for n in group if not {n, *n.all_input_nodes} & written])
+        if len(group) < 2:
+            why = decline(
+                "fewer than two siblings qualify: a value involved is written in place, or a "
+                "view of a sibling's output is impossible on a slice of the wide output"
+            )
+            continue
+        if not cheaper(x, group, any(weight_and_bias(n)[1] is not None for n in group)):
+            why = decline("cost model: the wide op with zero biases costs more than the siblings")
+            continue
+        return group
+    return why
+
+
+def can_fuse_linears(match: Match) -> list[fx.Node] | Declined:
+    return can_fuse(match, linear=True)
+
+
+def can_fuse_convs(match: Match) -> list[fx.Node] | Declined:
+    return can_fuse(match, linear=False)
+
+
+def fuse_siblings(match: Match) -> fx.Node:
+    """Fuse the group `can_fuse` chose; `x`, the match's root, stays."""
+    fuse(match.gm, match.plan)
+    return match.root
+
+
+RULES = [
+    # linear_1(x), ..., linear_n(x)  =>  split(linear(x, cat(W_1, ..., W_n)))
+    Rule(
+        "sibling-linears",
+        pattern=siblings(linear=True),
+        check=can_fuse_linears,
+        build=fuse_siblings,
+    ),
+    # conv_1(x), ..., conv_n(x) sharing kernel and geometry  =>  split(conv(x, cat(W_i)))
+    Rule(
+        "sibling-convs",
+        pattern=siblings(linear=False),
+        check=can_fuse_convs,
+        build=fuse_siblings,
+    ),
+]
+
+
 @register_pass("fuse_horizontal", exact=True)
 def fuse_horizontal(gm: fx.GraphModule) -> PassResult:
-    applied: Counter[str] = Counter()
-    written = mutated_nodes(gm)
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    memo: dict = {}  # weight users are counted once per graph state, not once per node
-    for x in list(gm.graph.nodes):
-        if x in written:
-            continue
-        with unchanged(gm, memo):
-            groups = sibling_groups(gm, x, order)
-        for group in groups:
-            group = viewable([n for n in group if not {n, *n.all_input_nodes} & written])
-            if len(group) < 2:
-                continue
-            has_bias = any(weight_and_bias(n)[1] is not None for n in group)
-            if cheaper(x, group, has_bias):
-                fuse(gm, group)
-                edited(memo)
-                applied["sibling-linears" if is_op(group[0], aten.linear) else "sibling-convs"] += 1
-    if applied:
-        clean(gm)
-    return PassResult(gm, bool(applied), dict(applied))
+    return rewrite(gm, RULES)

@@ -37,20 +37,16 @@ def plain_conv(node: fx.Node) -> list[fx.Node] | None:
     return [node]
 
 
-def can_factor(match: Match) -> bool:
+def can_factor(match: Match) -> object:
+    """The truncated factors of the weight's matrix, or a `decline` saying why not to factor."""
     found = conv(match.root)
     if found.groups != 1:
         return decline("grouped or depthwise conv")
     if not owns_weights(match.gm, found.weight, found.bias):
         return decline("weight or bias is not a constant used only here")
-    if not constant(match.gm, found.weight).any():
+    weight = constant(match.gm, found.weight)
+    if not weight.any():
         return decline("weight is zero")
-    return True
-
-
-def factor(match: Match, kept: list) -> fx.Node | None:
-    gm, node, found = match.gm, match.root, conv(match.root)
-    weight = constant(gm, found.weight)
     out_channels, taps = weight.shape[0], math.prod(weight.shape[1:])
     f = truncate(weight.reshape(out_channels, taps), CONFIG["energy"])
     if f.rank * (taps + out_channels) >= out_channels * taps:
@@ -58,6 +54,13 @@ def factor(match: Match, kept: list) -> fx.Node | None:
             f"rank {f.rank} of {min(out_channels, taps)} keeps {CONFIG['energy']} of the "
             f"energy; not cheaper ({f.rank}*({taps}+{out_channels}) >= {out_channels}*{taps})"
         )
+    return f
+
+
+def factor(match: Match, kept: list) -> fx.Node:
+    gm, node, found, f = match.gm, match.root, conv(match.root), match.plan
+    weight = constant(gm, found.weight)
+    out_channels, taps = weight.shape[0], math.prod(weight.shape[1:])
     dims = weight.dim() - 2
     right = add_constant(gm, f.right.reshape(f.rank, *weight.shape[1:]), f"{TAG}_right")
     left = add_constant(gm, f.left.reshape(out_channels, f.rank, *(1,) * dims), f"{TAG}_left")

@@ -43,19 +43,15 @@ def plain_linear(node: fx.Node) -> list[fx.Node] | None:
     return [node]
 
 
-def can_factor(match: Match) -> bool:
+def can_factor(match: Match) -> object:
+    """The truncated factors of the weight, or a `decline` saying why not to factor it."""
     node = match.root
     weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
     if not owns_weights(match.gm, weight, bias):
         return decline("weight or bias is not a constant used only here")
     if constant(match.gm, weight).dim() != 2 or not constant(match.gm, weight).any():
         return decline("weight is not a non-zero matrix")
-    return True
-
-
-def factor(match: Match, kept: list) -> fx.Node | None:
-    gm, node = match.gm, match.root
-    weight = constant(gm, node.args[1])
+    weight = constant(match.gm, weight)
     out_features, in_features = weight.shape
     f = truncate(weight, CONFIG["energy"])
     if f.rank * (in_features + out_features) >= in_features * out_features:
@@ -63,6 +59,12 @@ def factor(match: Match, kept: list) -> fx.Node | None:
             f"rank {f.rank} of {min(weight.shape)} keeps {CONFIG['energy']} of the energy; "
             f"not cheaper ({f.rank}*({in_features}+{out_features}) >= {in_features}*{out_features})"
         )
+    return f
+
+
+def factor(match: Match, kept: list) -> fx.Node:
+    gm, node, f = match.gm, match.root, match.plan
+    weight = constant(gm, node.args[1])
     bias = node.args[2] if len(node.args) > 2 else None
     right = add_constant(gm, f.right, f"{TAG}_right")
     left = add_constant(gm, f.left, f"{TAG}_left")

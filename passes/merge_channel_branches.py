@@ -53,7 +53,7 @@ from fxopt.ir.graph import (
 )
 from fxopt.ir.ops import ANY_CONV, CONVS, Conv, conv
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 SPLITS = (aten.split, aten.split_with_sizes, aten.chunk)
@@ -125,23 +125,31 @@ def split_bounds(split: fx.Node, axis: int) -> list[tuple[int, int]] | None:
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def cat_parts(gm: fx.GraphModule, cat: fx.Node) -> list[Part] | None:
-    """The cat's inputs as channel ranges of one source (through a conv or not), or None."""
+def cat_parts(gm: fx.GraphModule, cat: fx.Node) -> list[Part] | Declined:
+    """The cat's inputs as channel ranges of one source (through a conv or not), or a
+    `decline` saying why they are not."""
     out, inputs = val(cat), cat.args[0]
     axis = channel_axis(cat)
     parts = []
     for node in inputs:
         c = conv(node) if is_op(node, *ANY_CONV) else None
-        if c is not None and (not is_op(node, *CONVS) or not can_read(gm, c, out.dtype, axis)):
-            return None
+        if c is not None and not is_op(node, *CONVS):
+            return decline(f"{node.name} is an aten.convolution or not a plain conv call")
+        if c is not None and not can_read(gm, c, out.dtype, axis):
+            return decline(
+                f"{node.name} is transposed, has another user, or its weight or bias is not a "
+                "constant of x's dtype that only it reads"
+            )
         found = channel_range(c.node.args[0] if c else node, axis)
         if found is None or val(node).dtype != out.dtype:
-            return None
+            return decline(f"{node.name} does not read a channel slice of x (or changes dtype)")
         parts.append(Part(node, *found, c))
     if len({p.node for p in parts}) < len(parts) or len({p.source for p in parts}) != 1:
-        return None
+        return decline("the branches do not read slices of one tensor, each once")
     weights = [n for p in parts if p.conv for n in (p.conv.weight, p.conv.bias) if n is not None]
-    return parts if untouched(gm, [cat, parts[0].source, *inputs, *weights]) else None
+    if not untouched(gm, [cat, parts[0].source, *inputs, *weights]):
+        return decline("a value involved is written in place")
+    return parts
 
 
 def channel_axis(cat: fx.Node) -> int:
@@ -213,15 +221,22 @@ def cheaper(
     return roofline(merged, call_overhead(groups)) <= branches
 
 
-def can_merge_depthwise(match: Match) -> bool:
+def can_merge_depthwise(match: Match) -> list[Part] | Declined:
+    """The cat's parts, to merge into one depthwise conv, or a `decline`."""
     parts = cat_parts(match.gm, match.root)
-    if not parts or not consecutive(parts) or not any(p.conv for p in parts):
-        return False
+    if isinstance(parts, Declined):
+        return parts
+    if not consecutive(parts):
+        return decline("the slices are not consecutive slices of one tensor in order")
+    if not any(p.conv for p in parts):
+        return decline("no branch is a conv")
     if not all(p.conv is None or is_same_padded_depthwise(p) for p in parts):
-        return False
+        return decline("a branch conv is not a stride-1, same-padded depthwise conv")
     channels = parts[-1].stop - parts[0].start
     shape = (channels, 1, *depthwise_support(parts))
-    return cheaper(parts, match.root, shape, hinted_numel(match.root), channels)
+    if not cheaper(parts, match.root, shape, hinted_numel(match.root), channels):
+        return decline("cost model: the merged depthwise conv costs more than the branches")
+    return parts
 
 
 def depthwise_support(parts: list[Part]) -> tuple[int, ...]:
@@ -229,22 +244,27 @@ def depthwise_support(parts: list[Part]) -> tuple[int, ...]:
     return tuple(max(sizes) for sizes in zip(*supports, strict=True))
 
 
-def can_stack(match: Match, grouped: bool) -> bool:
+def can_stack(match: Match, grouped: bool) -> list[Part] | Declined:
+    """The cat's parts, to stack into one conv (grouped: one group per part), or a `decline`."""
     parts = cat_parts(match.gm, match.root)
-    if not parts or len(parts) < 2 or not all(p.conv for p in parts):
-        return False
+    if isinstance(parts, Declined):
+        return parts
+    if len(parts) < 2 or not all(p.conv for p in parts):
+        return decline("a branch is not a conv")
     if len({signature(p.conv, not grouped) for p in parts}) != 1:
-        return False
+        return decline("a branch conv differs from its siblings")
     if grouped and not (consecutive(parts) and len({p.stop - p.start for p in parts}) == 1):
-        return False
+        return decline("the slices are not consecutive, equal slices of one tensor in order")
     ranges = {(p.start, p.stop) for p in parts}
     if not grouped and (len(ranges) != 1 or parts[0].conv.groups != 1):
-        return False
+        return decline("the convs do not all read the same channels, or are grouped")
     shapes = [val(p.conv.weight).shape for p in parts]
     shape = (sum(s[0] for s in shapes), *shapes[0][1:])
     inputs = [p.conv.node.args[0] for p in parts] if grouped else [parts[0].conv.node.args[0]]
     groups = parts[0].conv.groups * (len(parts) if grouped else 1)
-    return cheaper(parts, match.root, shape, sum(hinted_numel(n) for n in inputs), groups)
+    if not cheaper(parts, match.root, shape, sum(hinted_numel(n) for n in inputs), groups):
+        return decline("cost model: the merged conv costs more than the branches and the cat")
+    return parts
 
 
 def merged_input(gm: fx.GraphModule, parts: list[Part], axis: int) -> fx.Node:
@@ -264,7 +284,7 @@ def add_optional(gm: fx.GraphModule, tensor: torch.Tensor | None, name: str) -> 
 
 def merge_depthwise(match: Match) -> fx.Node:
     gm, cat = match.gm, match.root
-    parts, axis = cat_parts(gm, cat), channel_axis(cat)
+    parts, axis = match.plan, channel_axis(cat)
     support = depthwise_support(parts)
     like = next(constant(gm, p.conv.weight) for p in parts if p.conv)
     kernels = [
@@ -288,8 +308,7 @@ def merge_depthwise(match: Match) -> fx.Node:
 
 
 def stack(match: Match, grouped: bool) -> fx.Node:
-    gm, cat = match.gm, match.root
-    parts = cat_parts(gm, cat)
+    gm, cat, parts = match.gm, match.root, match.plan
     first = parts[0].conv
     weights = [constant(gm, p.conv.weight) for p in parts]
     bias = concat_biases([bias_of(gm, p.conv) for p in parts], [w.shape[0] for w in weights])
@@ -307,11 +326,11 @@ def stack(match: Match, grouped: bool) -> fx.Node:
     return call(gm, first.node.target, args)
 
 
-def can_group(match: Match) -> bool:
+def can_group(match: Match) -> list[Part] | Declined:
     return can_stack(match, grouped=True)
 
 
-def can_stack_filters(match: Match) -> bool:
+def can_stack_filters(match: Match) -> list[Part] | Declined:
     return can_stack(match, grouped=False)
 
 

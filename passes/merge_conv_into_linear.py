@@ -39,7 +39,7 @@ from fxopt.ir.graph import add_constant, arg, call, constant, erase_dead, is_op,
 from fxopt.ir.layout import RESHAPES
 from fxopt.ir.ops import Conv, conv, replaced_args
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 ORDER_KEEPING = (*RESHAPES, aten.contiguous, aten.clone, aten.alias, aten.squeeze, aten.unsqueeze)
@@ -125,19 +125,26 @@ def is_zero(value) -> bool:
 
 
 def can_absorb(gm: fx.GraphModule, fc: FullyConnected, c: Conv) -> bool:
-    """The conv reads the FC's input, reshaped, at a fixed size, and writes its output."""
+    """The conv reads the FC's input, reshaped, at a fixed size, and writes its output: True,
+    or a `decline` saying which does not hold."""
     x, out = val(c.node.args[0]), val(c.node)
-    if c.transposed or not owns_constants(gm, c.weight, c.bias) or x is None or out is None:
-        return False
+    if c.transposed:
+        return decline(f"{c.node.name} is a transposed conv")
+    if not owns_constants(gm, c.weight, c.bias) or x is None or out is None:
+        return decline(f"{c.node.name}'s weight or bias is not a constant or is shared")
     weight = constant(gm, c.weight)
-    if weight.dtype != constant(gm, fc.weight).dtype or x.dim() != weight.dim():
-        return False
+    if weight.dtype != constant(gm, fc.weight).dtype:
+        return decline(f"{c.node.name}'s dtype differs from the FC's")
+    if x.dim() != weight.dim():
+        return decline(f"{c.node.name} is unbatched")
     if not all(isinstance(size, int) for size in (*x.shape[1:], *out.shape[1:])):
-        return False  # a symbolic spatial size: no fixed matrix
+        return decline(f"{c.node.name} has a symbolic spatial size (no fixed matrix)")
     if math.prod(x.shape[1:]) != fc.features_in or math.prod(out.shape[1:]) != fc.features_out:
-        return False
-    if c.groups % fc.groups or not origins(c.node.args[0]) & origins(fc.node.args[0]):
-        return False
+        return decline(f"{c.node.name}'s feature counts differ from the FC's")
+    if c.groups % fc.groups:
+        return decline(f"{c.node.name} mixes channels of two FC groups")
+    if not origins(c.node.args[0]) & origins(fc.node.args[0]):
+        return decline(f"{c.node.name} and the FC read different values (not reshapes of one)")
     return True
 
 
@@ -150,47 +157,64 @@ class Plan:
     fc_side: fx.Node  # the add's FC-side operand; it reads the merged FC afterwards
 
 
-def plan(gm: fx.GraphModule, root: fx.Node) -> Plan | None:
+def plan(gm: fx.GraphModule, root: fx.Node) -> Plan | Declined:
+    """The FC side, the conv side and their scales, trying each operand as the FC; or a
+    `decline` saying why the last side tried does not fit."""
     operands = add_operands(root)
-    if operands is None or not same_shape(operands[0], operands[1], root):
-        return None
+    if operands is None:
+        return decline("not an add of two values")
+    if not same_shape(operands[0], operands[1], root):
+        return decline("the add broadcasts")
     a, b, alpha = operands
+    why = decline("neither operand is a linear or 1x1 conv FC (through reshapes)")
     for (fc_side, fc_scale), (conv_side, conv_scale) in (
         ((a, 1.0), (b, alpha)),
         ((b, alpha), (a, 1.0)),
     ):
         producer, chain = back(fc_side)
         fc = fully_connected(gm, producer)
-        if fc is None or len(producer.users) != 1:
+        if fc is None:
+            continue
+        if len(producer.users) != 1:
+            why = decline(f"the FC {producer.name} has another user")
             continue
         region = [*chain, producer]
         terms = conv_terms(conv_side, conv_scale, region)
-        if terms and all(can_absorb(gm, fc, c) for c, _ in terms):
+        if not terms:
+            why = decline(
+                f"the operand beside the FC {producer.name} is not a sum of convs (through "
+                "reshapes) whose values only the sum reads"
+            )
+            continue
+        verdicts = [can_absorb(gm, fc, c) for c, _ in terms]
+        why = next((v for v in verdicts if isinstance(v, Declined)), None)
+        if why is None:
             return Plan(fc, fc_scale, terms, region, fc_side)
-    return None
+    return why
 
 
-def can_merge(match: Match) -> bool:
+def can_merge(match: Match) -> Plan | Declined:
     gm, found = match.gm, plan(match.gm, match.root)
-    if found is None:
-        return False
+    if isinstance(found, Declined):
+        return found
     fc = found.fc
     if fc.features_in * fc.features_out // fc.groups > MAX_WEIGHT_ELEMENTS:
-        return False
+        return decline(f"the FC's matrix has over MAX_WEIGHT_ELEMENTS ({MAX_WEIGHT_ELEMENTS})")
     touched = {
         fc.node.args[0],
         fc.weight,
         *(n for c, _ in found.terms for n in (c.node.args[0], c.weight)),
     }
     if written_in_place(gm, touched):
-        return False
+        return decline("an input or weight is written in place")
     # the merged FC has the FC's shape and groups: it costs what the FC alone costs
-    return static_cost([fc.node]) <= static_cost([*found.region, match.root])
+    if not static_cost([fc.node]) <= static_cost([*found.region, match.root]):
+        return decline("the merged FC would cost more than the FC and convs")
+    return found
 
 
 def merge(match: Match) -> fx.Node:
-    gm, root = match.gm, match.root
-    found = plan(gm, root)
+    gm, found = match.gm, match.plan
     fc = found.fc
     weight = constant(gm, fc.weight)
     blocks = weight.double().reshape(fc.groups, fc.features_out // fc.groups, -1) * found.fc_scale

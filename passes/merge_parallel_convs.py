@@ -56,7 +56,7 @@ from fxopt.ir.graph import (
 )
 from fxopt.ir.ops import Conv, conv
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 CONV_BY_DIMS = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
@@ -86,22 +86,43 @@ class Plan:
         return [c for c in map(conv, self.removed) if c is not None]
 
 
-def plan(gm: fx.GraphModule, root: fx.Node) -> Plan | None:
+def sum_of_branches(gm: fx.GraphModule, root: fx.Node) -> LinearCombination | None:
+    """`root` as a sum of two or more linear branches, or None."""
     combination = linear_combination(gm, root)
-    if combination is None or len(combination.terms) < 2 or len(combination.sources) != 1:
-        return None
+    return combination if combination is not None and len(combination.terms) > 1 else None
+
+
+def plan(gm: fx.GraphModule, root: fx.Node) -> Plan | Declined:
+    """The merged conv of the sum at `root`, or a `decline` saying why there is none."""
+    combination = sum_of_branches(gm, root)
+    if combination is None:
+        return decline("not a sum of two or more linear branches")
+    if len(combination.sources) != 1:
+        return decline(
+            "the branches read different values (a norm or nonlinearity between x and a "
+            "branch's op, a pad or inner conv that does not commute, or a branch value that "
+            "another op reads)"
+        )
     (x,) = combination.sources
     out, dims = val(root), val(root).dim() - 2
-    if dims not in CONV_BY_DIMS or getattr(val(x), "dtype", None) != out.dtype:
-        return None
+    if dims not in CONV_BY_DIMS:
+        return decline(f"a {dims + 2}-D value, not a 1-D, 2-D or 3-D conv's")
+    if getattr(val(x), "dtype", None) != out.dtype:
+        return decline("the dtypes differ")
     branches = tuple(as_conv(gm, term, dims) for term in combination.terms)
     if None in branches:
-        return None
+        return decline(
+            "a branch is not a conv, average pool or x fxopt can merge (a transposed conv, a "
+            "non-constant or shared weight, a pool with ceil_mode or that leaves padded zeros "
+            "out of its mean, or a pad or inner conv that does not commute)"
+        )
     groups = {b.groups for b in branches if b.groups is not None}
-    if len(groups) != 1 or len({b.stride for b in branches}) != 1:
-        return None
+    if len(groups) != 1:
+        return decline("the conv groups differ" if groups else "there is no conv")
+    if len({b.stride for b in branches}) != 1:
+        return decline("the strides differ")
     if len({b.centre for b in branches}) != 1:
-        return None
+        return decline("the centres differ (padding - dilation * (kernel - 1) / 2)")
     padding = tuple(max(b.padding[i] for b in branches) for i in range(dims))
     taps = [[t for b in branches for t in b.taps(i, padding[i])] for i in range(dims)]
     dilation = tuple(math.gcd(*dim_taps) or 1 for dim_taps in taps)
@@ -109,7 +130,9 @@ def plan(gm: fx.GraphModule, root: fx.Node) -> Plan | None:
     size = tuple(max(t) // d + 1 for t, d in zip(taps, dilation, strict=True))
     weight_shape = (out.shape[1], val(x).shape[1] // group_count, *size)
     found = Plan(x, combination, branches, padding, dilation, group_count, weight_shape)
-    return found if merged_cost(found, out) <= static_cost(found.removed) else None
+    if not merged_cost(found, out) <= static_cost(found.removed):
+        return decline("the merged conv would cost more than the branches")
+    return found
 
 
 def merged_cost(found: Plan, out: torch.Tensor) -> Cost:
@@ -121,27 +144,30 @@ def merged_cost(found: Plan, out: torch.Tensor) -> Cost:
 
 
 def parallel_branches(node: fx.Node) -> tuple[fx.Node, ...] | None:
-    """Pattern: the outermost sum of mergeable branches (a larger one around it merges
-    instead); matches the nodes that go, root last."""
-    gm = node.graph.owning_module
-    found = plan(gm, node)
-    if found is None:
-        return None
-    user = only_user(node)
-    return None if user is not None and plan(gm, user) is not None else found.removed
+    """Pattern: a sum of two or more linear branches; matches its combining ops, root last.
+    `can_merge` plans the merge (the branches themselves join the plan's nodes)."""
+    combination = sum_of_branches(node.graph.owning_module, node)
+    return (*(n for n in combination.nodes if n is not node), node) if combination else None
 
 
-def can_merge(match: Match) -> bool:
-    """The plan holds, no other op reads a branch's weight or bias, and nothing is written in
-    place (both scan the graph, so only matched roots pay for them)."""
+def can_merge(match: Match) -> Plan | Declined:
+    """The plan holds, the sum is the outermost mergeable one (a larger one around it merges
+    instead), no other op reads a branch's weight or bias, and nothing is written in place
+    (both scan the graph, so only matched roots pay for them)."""
     gm, found = match.gm, plan(match.gm, match.root)
-    if found is None:
-        return False
+    if isinstance(found, Declined):
+        return found
+    user = only_user(match.root)
+    if user is not None and not isinstance(plan(gm, user), Declined):
+        return decline(f"the larger sum {user.name} around it merges instead")
     constants = [n for c in found.convs for n in (c.weight, c.bias) if n is not None]
     if not all(constant_users(gm, n) == 1 for n in constants):
-        return False
-    touched = {found.x, *match.nodes, *(i for n in match.nodes for i in n.all_input_nodes)}
-    return not touched & mutated_nodes(gm)
+        return decline("a conv's weight or bias is shared")
+    removed = found.removed
+    touched = {found.x, *removed, *(i for n in removed for i in n.all_input_nodes)}
+    if touched & mutated_nodes(gm):
+        return decline("a value involved is written in place")
+    return found
 
 
 def branch_kernel(gm: fx.GraphModule, b: ConvTerm, found: Plan) -> tuple[torch.Tensor, ...]:
@@ -182,8 +208,7 @@ def tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def merge(match: Match) -> fx.Node:
-    gm, root = match.gm, match.root
-    found = plan(gm, root)
+    gm, root, found = match.gm, match.root, match.plan
     kernel, bias = merge_kernels([branch_kernel(gm, b, found) for b in found.branches])
     kernel, bias = undilate(kernel, found.dilation), bias + found.combination.shift
     like = constant(gm, found.convs[0].weight)

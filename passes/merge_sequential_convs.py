@@ -58,7 +58,7 @@ from fxopt.ir.graph import (
 )
 from fxopt.ir.ops import CONVS, Conv, conv
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import Match, PassResult, Rule, rewrite
+from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 LINEAR = (aten.linear,)
@@ -87,31 +87,38 @@ class ConvPair:
     geometry: Conv  # the conv whose kernel, stride, padding and dilation the merged conv keeps
 
 
-def conv_pair(gm: fx.GraphModule, match: Match, pointwise_second: bool) -> ConvPair | None:
+def conv_pair(gm: fx.GraphModule, match: Match, pointwise_second: bool) -> ConvPair | Declined:
     first, second = conv(match[0]), conv(match.root)
-    if first is None or second is None or first.transposed or second.transposed:
-        return None
+    if first is None or second is None:
+        return decline("an op is not a conv call fxopt reads")
+    if first.transposed or second.transposed:
+        return decline("a conv is transposed")
     if len(match[0].users) != 1:
-        return None
+        return decline("the first conv's output has another user")
     if not owns_constants(gm, first.weight, first.bias, second.weight, second.bias):
-        return None
+        return decline("a weight or bias is not a constant or is shared")
     w1, w2 = constant(gm, first.weight), constant(gm, second.weight)
-    if w1.dtype != w2.dtype or w1.dim() != w2.dim() or val(match[0].args[0]).dim() != w1.dim():
-        return None  # an unbatched conv's dim 1 is space, not channels
+    if w1.dtype != w2.dtype:
+        return decline("the dtypes differ")
+    if w1.dim() != w2.dim() or val(match[0].args[0]).dim() != w1.dim():
+        return decline("a conv is unbatched or of another rank")  # then dim 1 is space
     if pointwise_second:
-        return ConvPair(first, second, first) if is_pointwise(second, w2.shape[2:]) else None
+        if not is_pointwise(second, w2.shape[2:]):
+            return decline("the second conv is not an unstrided, unpadded 1x1 conv")
+        return ConvPair(first, second, first)
     if not is_pointwise(first, w1.shape[2:]):
-        return None
+        return decline("the first conv is not an unstrided, unpadded 1x1 conv")
     bias = constant(gm, first.bias) if first.bias is not None else None
     if bias is not None and bias.any() and not can_skip_padding(second, tuple(w2.shape[2:])):
-        return None  # the padded border reads 0 where the merged conv would assume the bias
+        # the padded border reads 0 where the merged conv would assume the bias
+        return decline("the 1x1 conv before a zero-padded conv has a nonzero bias")
     return ConvPair(first, second, second)
 
 
-def can_merge_convs(match: Match, pointwise_second: bool) -> bool:
+def can_merge_convs(match: Match, pointwise_second: bool) -> ConvPair | Declined:
     gm, pair = match.gm, conv_pair(match.gm, match, pointwise_second)
-    if pair is None:
-        return False
+    if isinstance(pair, Declined):
+        return pair
     w1, w2 = constant(gm, pair.first.weight), constant(gm, pair.second.weight)
     groups = math.gcd(pair.first.groups, pair.second.groups)
     kernel = constant(gm, pair.geometry.weight).shape[2:]
@@ -121,11 +128,15 @@ def can_merge_convs(match: Match, pointwise_second: bool) -> bool:
     flops = conv_flops(out[0], out[2:], weight_shape, bias > 0)
     merged = new_op_cost([source], weight_shape, bias, out, flops, w1.element_size())
     touched = {match[0].args[0], pair.first.weight, pair.second.weight}
-    return merged <= static_cost(match.nodes) and not written_in_place(gm, touched)
+    if written_in_place(gm, touched):
+        return decline("an input or weight is written in place")
+    if not merged <= static_cost(match.nodes):
+        return decline("the merged conv would cost more than the two")
+    return pair
 
 
 def merge_convs(match: Match, pointwise_second: bool) -> fx.Node:
-    gm, pair = match.gm, conv_pair(match.gm, match, pointwise_second)
+    gm, pair = match.gm, match.plan
     first, second = pair.first, pair.second
     tensors = [constant(gm, n) if n is not None else None for n in (first.weight, first.bias)]
     tensors += [constant(gm, n) if n is not None else None for n in (second.weight, second.bias)]
@@ -163,15 +174,20 @@ def conv_args(
 
 def can_merge_linears(match: Match) -> bool:
     gm, first, second = match.gm, match[0], match.root
-    if len(first.users) != 1 or not all(is_owned_linear(gm, n) for n in match.nodes):
-        return False
+    if len(first.users) != 1:
+        return decline("the first linear's output has another user")
+    if not all(is_owned_linear(gm, n) for n in match.nodes):
+        return decline("a weight or bias is not a constant of its own (or not 2-D)")
     w1, w2 = constant(gm, first.args[1]), constant(gm, second.args[1])
     if w1.dtype != w2.dtype:
-        return False
+        return decline("the dtypes differ")
     touched = {first.args[0], first.args[1], second.args[1]}
+    if written_in_place(gm, touched):
+        return decline("an input or weight is written in place")
     bias = arg(first, 2, "bias") is not None or arg(second, 2, "bias") is not None
-    cost = linear_cost(first.args[0], second, bias)
-    return cost <= static_cost(match.nodes) and not written_in_place(gm, touched)
+    if not linear_cost(first.args[0], second, bias) <= static_cost(match.nodes):
+        return decline("the merged linear would cost more (a narrow middle width)")
+    return True
 
 
 def is_owned_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -248,42 +264,52 @@ def linear_map(gm: fx.GraphModule, steps, features: int | None) -> tuple[torch.T
     return (weight if weight is not None else torch.eye(features).double()), bias
 
 
-def summed_paths(gm: fx.GraphModule, root: fx.Node) -> tuple[Path, Path, float] | None:
-    """The nearest common source of both operands of `root` that the merge may start from."""
+def summed_paths(gm: fx.GraphModule, root: fx.Node) -> tuple[Path, Path, float] | Declined:
+    """The nearest common source of both operands of `root` that the merge may start from;
+    or a `decline` saying why the nearest common source does not do (or that there is none)."""
     operands = add_operands(root)
-    if operands is None or not same_shape(operands[0], operands[1], root):
-        return None
+    if operands is None:
+        return decline("not an add of two values")
+    if not same_shape(operands[0], operands[1], root):
+        return decline("the add broadcasts")
     a, b, alpha = operands
+    why = None
     for path_a in paths(gm, a):
         for path_b in paths(gm, b):
-            common = path_a.source is path_b.source and (path_a.steps or path_b.steps)
-            if common and can_sum(gm, root, path_a, path_b):
+            if path_a.source is not path_b.source or not (path_a.steps or path_b.steps):
+                continue
+            verdict = can_sum(gm, root, path_a, path_b)
+            if not isinstance(verdict, Declined):
                 return path_a, path_b, alpha
-    return None
+            why = why or verdict
+    return why or decline("the operands are not linears or scalar multiples of one value")
 
 
 def can_sum(gm: fx.GraphModule, root: fx.Node, path_a: Path, path_b: Path) -> bool:
     region, source = {*path_a.steps, *path_b.steps}, path_a.source
     if any(not set(node.users) <= region | {root} for node in region):
-        return False
+        return decline("a value in between has another user")
     if len({val(n).dtype for n in (*region, root, source)}) != 1:
-        return False
+        return decline("the dtypes differ")
     if not isinstance(val(source).shape[-1], int):
-        return False
+        return decline("the feature count is symbolic")
     linears = [n for n in region if is_op(n, *LINEAR)]
     biases = [arg(n, 2, "bias") for n in linears if arg(n, 2, "bias") is not None]
-    cost = linear_cost(source, root, bool(biases))
     touched = {source, *biases, *(n.args[1] for n in linears)}
-    return cost <= static_cost([*region, root]) and not written_in_place(gm, touched)
+    if written_in_place(gm, touched):
+        return decline("an input or weight is written in place")
+    if not linear_cost(source, root, bool(biases)) <= static_cost([*region, root]):
+        return decline("the merged linear would cost more than the branches")
+    return True
 
 
-def can_merge_sum(match: Match) -> bool:
-    return summed_paths(match.gm, match.root) is not None
+def can_merge_sum(match: Match) -> tuple[Path, Path, float] | Declined:
+    return summed_paths(match.gm, match.root)
 
 
 def merge_sum(match: Match) -> fx.Node:
     gm, root = match.gm, match.root
-    path_a, path_b, alpha = summed_paths(gm, root)
+    path_a, path_b, alpha = match.plan
     features = val(path_a.source).shape[-1]
     first = linear_map(gm, path_a.steps, features)
     second = linear_map(gm, path_b.steps, features)

@@ -47,12 +47,13 @@ from fxopt.analysis.attention_match import (
     scores,
 )
 from fxopt.analysis.cost import Cost, hinted, node_roofline, roofline
-from fxopt.ir.graph import add_constant, arg, call, clean, erase_dead, is_op, mutated_nodes, val
+from fxopt.ir.graph import add_constant, arg, call, erase_dead, is_op, mutated_nodes, val
 from fxopt.rules.registry import register_pass
-from fxopt.rules.rewrite import PassResult, decline
+from fxopt.rules.rewrite import Match, PassResult, Rule, decline, rewrite
 
 aten = torch.ops.aten
 CHUNK = 64
+CHUNK_SCORES = "fxopt_chunk_scores"  # meta key of the in-chunk scores the chunked form creates
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,12 @@ def chunked(gm: fx.GraphModule, att: LinearAttention, value: fx.Node) -> fx.Node
     k_chunks = call(gm, aten.transpose.int, (k_chunks, -3, -2))
     v_chunks = call(gm, aten.unflatten.int, (value, -2, [blocks, size]))
     lower = torch.ones(size, size, dtype=val(q).dtype).tril()
-    local = call(gm, aten.matmul.default, (q_chunks, k_chunks))
-    local = call(gm, aten.mul.Tensor, (local, add_constant(gm, lower, "causal_chunk_mask")))
+    scores_in_chunk = call(gm, aten.matmul.default, (q_chunks, k_chunks))
+    local = call(
+        gm, aten.mul.Tensor, (scores_in_chunk, add_constant(gm, lower, "causal_chunk_mask"))
+    )
+    for node in (scores_in_chunk, local):  # already the chunked form: not scores to rewrite
+        node.meta[CHUNK_SCORES] = True
     intra = call(gm, aten.matmul.default, (local, v_chunks))
     states = call(gm, aten.matmul.default, (k_chunks, v_chunks))
     prefix = call(gm, aten.cumsum.default, (states, -3))
@@ -230,25 +235,43 @@ def chunked(gm: fx.GraphModule, att: LinearAttention, value: fx.Node) -> fx.Node
     return call(gm, aten.mul.Tensor, (out, att.scale)) if att.scale != 1.0 else out
 
 
+def linear_attention_scores(node: fx.Node) -> tuple[fx.Node] | None:
+    """Pattern: scores that linear attention reads (`read_linear_attention` finds it or says
+    why not), or a softmax on scores (never reassociated, but a near-miss worth listing)."""
+    if node.op != "call_function" or not is_tensor_node(node) or node.meta.get(CHUNK_SCORES):
+        return None
+    gm = node.graph.owning_module
+    if read_linear_attention(gm, node) is not None:
+        return (node,)
+    return (node,) if is_op(node, *SOFTMAXES) and scores(gm, node.args[0]) else None
+
+
+def can_reassociate_scores(match: Match):
+    """The `LinearAttention` to reassociate, or a `decline`."""
+    verdict = can_reassociate(match.gm, match.root)
+    if verdict is None:  # the pattern matched a softmax on the scores
+        return decline("softmax on the scores: softmax attention is not reassociable")
+    return verdict
+
+
+def reassociate_scores(match: Match) -> fx.Node:
+    """Redirect the scores' users to the reassociated form; the scores then go (the root is
+    returned as its own replacement: nothing reads it any more)."""
+    reassociate(match.gm, match.plan)
+    return match.root
+
+
+RULES = [
+    # (Q KT) V, (Q KT) 1  =>  Q (KT V), Q (KT 1); causal: chunked (Lightning Attention-2)
+    Rule(
+        "linear-attention",
+        pattern=linear_attention_scores,
+        check=can_reassociate_scores,
+        build=reassociate_scores,
+    ),
+]
+
+
 @register_pass("reassociate_linear_attention", exact=True)
 def reassociate_linear_attention(gm: fx.GraphModule) -> PassResult:
-    applied, declined = 0, []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not node.users or not is_tensor_node(node):
-            continue
-        verdict = can_reassociate(gm, node)
-        if verdict is None and is_op(node, *SOFTMAXES) and scores(gm, node.args[0]):
-            verdict = decline("softmax on the scores: softmax attention is not reassociable")
-        if verdict is None:
-            continue
-        if not verdict:
-            declined.append(f"{node.name}: {verdict.reason}")
-            continue
-        reassociate(gm, verdict)
-        applied += 1
-    if applied:
-        clean(gm)
-    near_misses = {"linear-attention": declined} if declined else {}
-    return PassResult(
-        gm, bool(applied), {"linear-attention": applied} if applied else {}, near_misses
-    )
+    return rewrite(gm, RULES)

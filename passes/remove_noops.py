@@ -55,18 +55,39 @@ def same_shape(a: torch.Size, b: torch.Size) -> bool:
 
 
 def can_replace_by_input(node: fx.Node) -> bool:
-    """`node` and its input carry the same kind of tensor and neither is written in place."""
+    """`node` and its input carry the same kind of tensor and neither is written in place:
+    True, or a `decline` saying which does not hold."""
     source, out = val(node.args[0]) if node.args else None, val(node)
     if not isinstance(source, torch.Tensor) or not isinstance(out, torch.Tensor):
-        return False
+        return decline("the value or its input is not a tensor")
     kind = (source.dtype, source.device, source.layout), (out.dtype, out.device, out.layout)
-    if kind[0] != kind[1] or not same_shape(source.shape, out.shape) or not node.users:
-        return False
-    return not ({node, node.args[0]} & mutated_nodes(node.graph.owning_module))
+    if kind[0] != kind[1]:
+        return decline(
+            f"it changes dtype, device or layout ({describe(*kind[0])} to {describe(*kind[1])})"
+        )
+    if not same_shape(source.shape, out.shape):
+        shapes = f"{list(source.shape)} to {list(out.shape)}"
+        if len(source.shape) != len(out.shape) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b
+            for a, b in zip(source.shape, out.shape, strict=True)
+        ):
+            return decline(f"it changes the shape ({shapes})")
+        return decline(f"the sizes are symbolic and not provably equal ({shapes})")
+    if not node.users:
+        return decline("nothing reads it")
+    if {node, node.args[0]} & mutated_nodes(node.graph.owning_module):
+        return decline("the value or its input is written in place")
+    return True
+
+
+def describe(dtype: torch.dtype, device: torch.device, layout: torch.layout) -> str:
+    return f"{dtype} on {device}" + ("" if layout == torch.strided else f", {layout}")
 
 
 def can_remove_dropout(match: Match) -> bool:
-    return not arg(match.root, 2, "train", True) and can_replace_by_input(match.root)
+    if arg(match.root, 2, "train", True):
+        return decline("dropout runs in training mode")
+    return can_replace_by_input(match.root)
 
 
 def memory_format(node: fx.Node) -> torch.memory_format | None:
@@ -82,7 +103,9 @@ def can_remove_copy(match: Match) -> bool:
         keep = (None, torch.contiguous_format)  # contiguous() asks for this format explicitly
         if not known_contiguous(val(node.args[0])):
             return decline("the input is not contiguous (a view after it may need the copy)")
-    return memory_format(node) in keep and can_replace_by_input(node)
+    if memory_format(node) not in keep:
+        return decline(f"it changes the memory format to {memory_format(node)}")
+    return can_replace_by_input(node)
 
 
 def known_contiguous(value) -> bool:
@@ -111,7 +134,9 @@ def is_identity_permutation(node: fx.Node) -> bool:
 
 
 def can_remove_permute(match: Match) -> bool:
-    return is_identity_permutation(match.root) and can_replace_by_input(match.root)
+    if not is_identity_permutation(match.root):
+        return decline("the permutation is not the identity")
+    return can_replace_by_input(match.root)
 
 
 def permutation(node: fx.Node) -> list[int]:
@@ -127,20 +152,25 @@ def permutation(node: fx.Node) -> list[int]:
 def can_cancel_permutes(match: Match) -> bool:
     first, second = match[0], match.root
     if not isinstance(val(first), torch.Tensor) or not isinstance(val(second), torch.Tensor):
-        return False
+        return decline("a permuted value is not a tensor")
     outer, inner = permutation(second), permutation(first)
     if [inner[i] for i in outer] != list(range(len(outer))):
-        return False
-    return not ({first, second, first.args[0]} & mutated_nodes(second.graph.owning_module))
+        return decline(f"the second permutation {outer} does not undo the first {inner}")
+    if {first, second, first.args[0]} & mutated_nodes(second.graph.owning_module):
+        return decline("a permuted value or its input is written in place")
+    return True
 
 
 def can_remove_arithmetic(match: Match) -> bool:
     node = match.root
     neutral = NEUTRAL.get(node.target.overloadpacket)
     other, alpha = node.args[1] if len(node.args) > 1 else None, node.kwargs.get("alpha", 1)
-    if neutral is None or not isinstance(other, int | float) or not isinstance(alpha, int | float):
-        return False
-    return other == neutral and can_replace_by_input(node)
+    name = node.target.overloadpacket.__name__
+    if not isinstance(other, int | float) or not isinstance(alpha, int | float):
+        return decline(f"the other operand of {name} is not a number")
+    if other != neutral:
+        return decline(f"{name} by {other}, not the neutral {neutral}")
+    return can_replace_by_input(node)
 
 
 def input_of(match: Match) -> fx.Node:

@@ -107,17 +107,13 @@ def price(node: fx.Node, c: Conv, grid: Grid, weight: torch.Tensor) -> float:
     return conv_price(out, shape, math.prod(x), c.bias is not None, c.groups, size)
 
 
-def can_sparsify(match: Match) -> bool | Declined:
-    found = plan(match.gm, match.root)
-    return found if isinstance(found, Declined) else True
+def can_sparsify(match: Match) -> tuple[Grid, list[int] | str, list[int]] | Declined:
+    return plan(match.gm, match.root)
 
 
-def sparsify(match: Match) -> fx.Node | Declined:
+def sparsify(match: Match) -> fx.Node:
     gm, node = match.gm, match.root
-    found, c = plan(gm, node), conv(node)
-    if isinstance(found, Declined):
-        return found
-    grid, padding, dilation = found
+    (grid, padding, dilation), c = match.plan, conv(node)
     weight = add_constant(gm, grid_kernel(constant(gm, c.weight), grid), "dilated")
     packet = node.target.overloadpacket
     target = packet.padding if isinstance(padding, str) else packet.default

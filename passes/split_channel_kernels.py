@@ -203,7 +203,7 @@ def segment_output(gm: fx.GraphModule, c: Conv, piece: fx.Node, segment: Segment
 
 def split_kernels(match: Match) -> fx.Node:
     gm, c = match.gm, conv(match.root)
-    segments, x = plan(match), c.node.args[0]
+    segments, x = match.plan, c.node.args[0]
     if len(segments) == 1:
         return segment_output(gm, c, x, segments[0])
     sizes = [s.stop - s.start for s in segments]

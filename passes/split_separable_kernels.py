@@ -58,9 +58,8 @@ from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewr
 aten = torch.ops.aten
 
 
-def can_split(match: Match) -> bool | Declined:
-    found = plan(match.gm, match.root)
-    return found if isinstance(found, Declined) else True
+def can_split(match: Match) -> Factors | Declined:
+    return plan(match.gm, match.root)
 
 
 def plan(gm: fx.GraphModule, node: fx.Node) -> Factors | Declined:
@@ -159,9 +158,7 @@ def per_axis(values, axis: int, other) -> list:
 
 def split(match: Match) -> fx.Node | Declined:
     gm, node = match.gm, match.root
-    factors, c = plan(gm, node), conv(node)
-    if isinstance(factors, Declined):
-        return factors
+    factors, c = match.plan, conv(node)
     first_axis, second_axis = (3, 2) if factors.order == "w" else (2, 3)
     padding = c.padding
 

@@ -151,9 +151,10 @@ def subpixel_plan(c: Conv) -> tuple[Taps, Taps] | None:
 
 
 def can_make_subpixel(match: Match):
+    """The phase taps of the sub-pixel form (rows, cols), or a `decline`."""
     c = conv(match.root)
     if not c.transposed or val(c.weight).dim() != 4:
-        return False
+        return decline("not a transposed conv2d with a 4-D weight (the input is not batched 4-D)")
     if len(set(c.stride)) != 1 or c.stride[0] < 2 or any(d != 1 for d in c.dilation):
         return decline(
             f"stride {c.stride}, dilation {c.dilation}: needs one stride r >= 2 and dilation 1"
@@ -171,12 +172,12 @@ def can_make_subpixel(match: Match):
     old = transposed_time(x, tuple(w), out, bias, c.groups, size)
     if subpixel_time(x, subpixel_weight, out, bias, c.groups, c.stride[0], size) >= old:
         return decline("cost model: conv + pixel_shuffle is not cheaper")
-    return True
+    return rows, cols
 
 
 def make_subpixel(match: Match) -> fx.Node:
     gm, c = match.gm, conv(match.root)
-    r, (rows, cols) = c.stride[0], subpixel_plan(c)
+    r, (rows, cols) = c.stride[0], match.plan
     weight = to_subpixel_weight(constant(gm, c.weight), c.groups, rows, cols)
     bias = None
     if c.bias is not None:
@@ -215,10 +216,15 @@ def transposed_padding(c: Conv, r: int) -> list[int]:
 
 
 def can_make_transposed(match: Match):
+    """The phase taps of the transposed form (rows, cols), or a `decline`."""
     c, shuffle = conv(match[0]), match.root
     r = shuffle.args[1]
-    if not is_op(c.node, aten.conv2d) or len(c.node.users) != 1 or not isinstance(r, int):
-        return False
+    if not is_op(c.node, aten.conv2d):
+        return decline("the op before pixel_shuffle is not a conv2d")
+    if len(c.node.users) != 1:
+        return decline("the conv feeding pixel_shuffle has another user")
+    if not isinstance(r, int):
+        return decline("the upscale factor is not a constant")
     if any(s != 1 for s in c.stride) or any(d != 1 for d in c.dilation):
         return decline("the conv before pixel_shuffle is strided or dilated")
     if transposed_plan(c, r) is None:
@@ -236,7 +242,7 @@ def can_make_transposed(match: Match):
     new = transposed_time(x, transposed_weight, out, bias, c.groups, size)
     if new >= subpixel_time(x, tuple(w), out, bias, c.groups, r, size):
         return decline("cost model: conv_transpose2d is not cheaper")
-    return True
+    return rows, cols
 
 
 def phase_bias(gm: fx.GraphModule, c: Conv, r: int) -> torch.Tensor | None:
@@ -248,7 +254,7 @@ def phase_bias(gm: fx.GraphModule, c: Conv, r: int) -> torch.Tensor | None:
 
 def make_transposed(match: Match) -> fx.Node | None:
     gm, c, r = match.gm, conv(match[0]), match.root.args[1]
-    rows, cols = transposed_plan(c, r)
+    rows, cols = match.plan
     weight = to_transposed_weight(constant(gm, c.weight), c.groups, rows, cols)
     bias = None
     if c.bias is not None:

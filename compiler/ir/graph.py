@@ -185,8 +185,11 @@ def clean(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def erase_dead(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Erase `node` if nothing uses it, then its inputs that become dead (no recompile)."""
-    if node.users or node.op not in ("call_function", "get_attr") or _has_side_effects(node):
+    """Erase `node` if nothing uses it, then its inputs that become dead (no recompile). An
+    input reached twice (it fed `node` and another erased input) is erased once."""
+    if node._erased or node.users or node.op not in ("call_function", "get_attr"):
+        return
+    if _has_side_effects(node):
         return
     inputs = node.all_input_nodes
     gm.graph.erase_node(node)

@@ -1,18 +1,40 @@
 """Rules and the greedy driver that applies them until nothing changes.
 
 A rule is data: a name, a pattern, a pure `check`, and a `build` that writes the replacement (or
-declines), or a `replacement` function inlined in place of the match. The driver walks the graph
-in order, tries every rule at every node, fires each one that applies, and walks again until a
-walk fires nothing: a fixed point. A rule set that keeps firing forever is a bug and raises.
-Matches that a check or build declined in the final graph are the pass's near-misses
-(`PassResult.declined`), each with the reason it gave.
+declines), or a `replacement` function inlined in place of the match.
+
+The protocol: `check(match)` analyses the match once and returns either its plan, any value
+other than False, None or a `Declined` (True where there is nothing to hand over), or
+`decline(reason)`. The driver hands the plan to `build` as `match.plan`, so a build never
+recomputes what its check found; a build returns the node that replaces the root, or
+`decline(reason)`. For example::
+
+    def can_fold(match):
+        scale = constant(match.gm, match["scale"])
+        if scale is None:
+            return decline("the scale is not a constant")
+        return Folding(scale)                  # the plan
+
+    def fold(match):
+        return call(match.gm, aten.mul.Tensor, (match["x"], match.plan.scale))
+
+A check written as a predicate (True or False) keeps working; its near-misses then read
+"can_fold returned False", which says nothing a user can act on, so the built-in rules always
+decline with a reason.
+
+The driver visits every node in order, tries every rule there, and fires the first one that
+applies; then it visits again, in graph order, only the nodes near each rewrite (its new nodes,
+their inputs and the nodes below them), until a visit fires nothing: a fixed point. A rule set
+that keeps firing forever is a bug and raises. Matches that a check or build declined in the
+final graph are the pass's near-misses (`PassResult.declined`), each with the reason it gave.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -58,11 +80,13 @@ class Match:
 
     ``match[i]`` is the i-th matched node; ``match["w"]`` is the value bound to a pattern
     function's parameter (or `wildcards.scalar` name) ``w``, as in ``match.bindings``.
+    `plan` is what the rule's check returned, for its build (None while the check runs).
     """
 
     gm: fx.GraphModule
     nodes: tuple[fx.Node, ...]
     bindings: Mapping[str, Any] = field(default_factory=dict)
+    plan: Any = None
 
     @property
     def root(self) -> fx.Node:
@@ -118,12 +142,18 @@ class Rule:
 
     `pattern` is a `fxopt.pattern(fn)`, a chain of ops, producer first, each feeding the next
     one's first argument (an element may be a tuple of alternative ops), or a function from a
-    node to the matched nodes (root last) or None. `check(match)` is pure; it returns a truth
-    value, or `fxopt.decline(reason)` to say why not. `build(match)` inserts the replacement and
-    returns the node that takes the root's place, or None (or a `decline`) to decline; it must
-    not change the graph when it declines. With a `fxopt.pattern`, `replacement` may stand in
-    for `build`: a PyTorch function of (some of) the pattern's parameters, inlined in place of
-    the root with the bound values.
+    node to the matched nodes (root last) or None. `check(match)` is pure; it returns the plan
+    (what it found out and `build` needs, or True when there is nothing to hand over) or
+    `fxopt.decline(reason)` to say why not. `build(match)` reads the plan as `match.plan`,
+    inserts the replacement and returns the node that takes the root's place, or a `decline`;
+    it must not change the graph when it declines. With a `fxopt.pattern`, `replacement` may
+    stand in for `build`: a PyTorch function of (some of) the pattern's parameters, inlined in
+    place of the root with the bound values. A bare False or None from `check` or `build` still
+    declines, but the report can only say "check returned False" then.
+
+    A group rewrite (sibling ops fused into one, every user of a value redirected at once)
+    rewires the graph itself in `build` and returns the root: the driver then replaces nothing,
+    and erases the root only if nothing reads it any more.
     """
 
     name: str
@@ -166,59 +196,120 @@ def _alternatives(ops: Any) -> tuple:
 
 def rewrite(gm: fx.GraphModule, rules: Sequence[Rule], max_rounds: int | None = None) -> PassResult:
     """Apply `rules` greedily until none fires; return what fired and how often, and the
-    near-misses of the final graph. `max_rounds` bounds the number of rewrites."""
+    near-misses of the final graph. `max_rounds` bounds the number of rewrites.
+
+    The first walk visits every node in order; after it, only the nodes near a rewrite (see
+    `_around`) are visited again, in graph order, until a walk over them fires nothing.
+    """
     applied: Counter[str] = Counter()
     limit = max_rounds if max_rounds is not None else 4 * len(gm.graph.nodes) + 16
-    while True:
-        declined: dict[str, list[tuple]] = {}
-        if not _walk(gm, rules, declined, applied, limit):
-            near_misses = {rule: [_near_miss(*m) for m in ms] for rule, ms in declined.items()}
-            if applied:
-                clean(gm)
-            return PassResult(gm, bool(applied), dict(applied), near_misses)
+    notes: dict[fx.Node, list[tuple]] = {}  # each node's declined matches at its last visit
+    memo: dict = {}
+    pending = list(gm.graph.nodes)
+    while pending:
+        revisit: set[fx.Node] = set()
+        for node in pending:
+            revisit.discard(node)  # visited now, after whatever touched it
+            notes.pop(node, None)
+            if node._erased or not node.users:  # nothing reads it: replacing it changes nothing
+                continue
+            revisit |= _visit(gm, node, rules, memo, notes, applied, limit)
+        pending = sorted(n for n in revisit if n.graph is gm.graph and not n._erased)  # in order
+    if applied:
+        clean(gm)
+    declined: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        for rule, verdict, role, fn in notes.get(node, []) if node.users else []:
+            declined.setdefault(rule, []).append(_near_miss(node, verdict, role, fn))
+    return PassResult(gm, bool(applied), dict(applied), declined)
 
 
-def _walk(
-    gm: fx.GraphModule, rules: Sequence[Rule], declined: dict, applied: Counter, limit: int
-) -> bool:
-    """Walk the graph once in order, firing every rule that matches and builds (a rewrite's
-    own nodes are visited by the next walk); note the declined matches in `declined`. Return
-    whether anything fired.
-
-    Only the last walk (the one where nothing fires) sees every node unchanged, so only its
-    notes are kept (and formatted).
-    """
-    fired, memo = False, {}
-    for node in list(gm.graph.nodes):
-        if node._erased or not node.users:  # nothing reads it: replacing it changes nothing
+def _visit(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    rules: Sequence[Rule],
+    memo: dict,
+    notes: dict,
+    applied: Counter,
+    limit: int,
+) -> set[fx.Node]:
+    """Try the rules at `node` in order and fire the first that matches, checks and builds;
+    note the declined matches in `notes`. Return the nodes to visit again: those around the
+    rewrite, or none when nothing fired."""
+    for rule in rules:
+        with unchanged(gm, memo):  # matching and checks are pure: analyses are shared
+            match = rule.match(gm, node)
+            verdict = rule.check(match) if match is not None else None
+        if match is None:
             continue
-        for rule in rules:
-            with unchanged(gm, memo):  # matching and checks are pure: analyses are shared
-                match = rule.match(gm, node)
-                verdict = rule.check(match) if match is not None else None
-            if match is None:
-                continue
-            if not verdict:
-                declined.setdefault(rule.name, []).append((node, verdict, "check", rule.check))
-                continue
+        if _declines(verdict):
+            notes.setdefault(node, []).append((rule.name, verdict, "check", rule.check))
+            continue
+        match = replace(match, plan=verdict)
+        with _recording(gm) as (created, freed):
             with gm.graph.inserting_before(match.root):
                 replacement = rule.build(match)
             edited(memo)  # a build may edit the graph, even one that declines and undoes it
             if replacement is None or isinstance(replacement, Declined):
-                declined.setdefault(rule.name, []).append((node, replacement, "build", rule.build))
+                notes.setdefault(node, []).append((rule.name, replacement, "build", rule.build))
                 continue
-            replacement.meta.setdefault("stack_trace", match.root.meta.get("stack_trace"))
-            match.root.replace_all_uses_with(replacement)
-            erase_dead(gm, match.root)
-            fired = True
-            applied[rule.name] += 1
-            if sum(applied.values()) >= limit:
-                raise RewriteError(
-                    f"rules did not settle after {limit} rewrites (last to fire: {rule.name!r}); "
-                    "a rule that undoes another, or that matches its own output, is a bug"
-                )
-            break  # `node` is replaced: its other rules see the new graph on the next walk
-    return fired
+            if replacement is not match.root:
+                replacement.meta.setdefault("stack_trace", match.root.meta.get("stack_trace"))
+                match.root.replace_all_uses_with(replacement)
+            if not match.root._erased:
+                erase_dead(gm, match.root)
+        applied[rule.name] += 1
+        if sum(applied.values()) >= limit:
+            raise RewriteError(
+                f"rules did not settle after {limit} rewrites (last to fire: {rule.name!r}); "
+                "a rule that undoes another, or that matches its own output, is a bug"
+            )
+        return _around([replacement, *created, *freed])  # `node` is gone: its other rules too
+    return set()
+
+
+def _declines(verdict: Any) -> bool:
+    """Whether a check's result declines: a `decline`, or a bare False or None (which the
+    report can only show as "check returned False"). Anything else is the plan."""
+    return verdict is None or verdict is False or isinstance(verdict, Declined)
+
+
+@contextmanager
+def _recording(gm: fx.GraphModule) -> Iterator[tuple[list[fx.Node], list[fx.Node]]]:
+    """Record the nodes created inside the block, and the inputs of the nodes erased in it
+    (their users changed), through torch.fx's node hooks."""
+    created: list[fx.Node] = []
+    freed: list[fx.Node] = []
+    on_create = created.append
+
+    def on_erase(node: fx.Node) -> None:
+        freed.extend(node.all_input_nodes)
+
+    gm._register_create_node_hook(on_create)
+    gm._register_erase_node_hook(on_erase)
+    try:
+        yield created, freed
+    finally:
+        gm._unregister_create_node_hook(on_create)
+        gm._unregister_erase_node_hook(on_erase)
+
+
+# How far below a changed node a match can still see it: the longest chain between a pattern's
+# first node and its root (an attention chain, a sum of several branches), with room to spare.
+_REACH = 8
+
+
+def _around(changed: Sequence[fx.Node]) -> set[fx.Node]:
+    """The nodes whose match or check a rewrite may have changed: the live `changed` nodes
+    (new nodes, the replacement, inputs that lost a user), their inputs (whose users changed),
+    and every node up to `_REACH` uses below those (roots of patterns that contain them)."""
+    near = {n for n in changed if not n._erased}
+    near |= {i for n in near for i in n.all_input_nodes}
+    frontier = list(near)
+    for _ in range(_REACH):
+        frontier = [user for n in frontier for user in n.users if user not in near]
+        near.update(frontier)
+    return near
 
 
 def _near_miss(node: fx.Node, verdict: Any, role: str, fn: Callable) -> str:

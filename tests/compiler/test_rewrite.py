@@ -123,3 +123,32 @@ def test_rewrite_reaches_matches_its_own_rewrites_create_on_a_later_walk():
     assert result.applied == {"relu-neg": 3, "neg-mul": 6}
     x = torch.randn(2, 3)
     torch.testing.assert_close(result.graph_module(x), -x * 8)
+
+
+def test_check_hands_its_plan_to_build_as_match_plan():
+    gm = graph_of(ReluRelu(), torch.randn(2, 3))
+    plans = []
+
+    def check(match):
+        plans.append(object())
+        return plans[-1]
+
+    def build(match):
+        assert match.plan is plans[-1]  # the check's own result, not recomputed
+        return match[0]
+
+    result = rewrite(gm, [Rule("relu-relu", (aten.relu, aten.relu), check, build)])
+    assert result.applied == {"relu-relu": 1} and len(plans) == 1
+
+
+def test_a_predicate_check_still_works_and_false_or_none_declines():
+    for verdict in (False, None):
+        gm = graph_of(ReluRelu(), torch.randn(2, 3))
+        rule = Rule("r", (aten.relu, aten.relu), check=lambda m, v=verdict: v, build=lambda m: m[0])
+        result = rewrite(gm, [rule])
+        assert not result.modified and result.declined == {
+            "r": [f"relu_1: check returned {verdict}"]
+        }
+    gm = graph_of(ReluRelu(), torch.randn(2, 3))
+    rule = Rule("r", (aten.relu, aten.relu), check=lambda m: True, build=lambda m: m[0])
+    assert rewrite(gm, [rule]).applied == {"r": 1}
