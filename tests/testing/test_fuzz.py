@@ -84,7 +84,8 @@ def test_a_wrong_registered_pass_is_caught_and_shrunk_to_a_runnable_script():
             max_examples=60,
             kinds=["conv", "mlp", "views"],
             database=None,
-            shrink_seconds=10,
+            seed=0,  # the same draws every run: how far it shrinks must not depend on luck
+            shrink_seconds=30,
         )
     error, message = caught.value, str(caught.value)
     assert "optimize rolled a pass back: test_fuzz_drop_activations" in message
