@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,23 +26,6 @@ from . import blocks, schedules
 from . import tvm_api as tv
 from .runtime import METADATA_FUNCTION
 from .tuning_db import apply_database, check_database
-
-# The tuning database `build` uses when it is given none (see `tuning_database`).
-_TUNING_DATABASE: list = [None]
-
-
-@contextmanager
-def tuning_database(path):
-    """Within the block, builds (`build`, hence `fxopt.compile` and `optimize(backend="tvm")`)
-    use the MetaSchedule database in directory `path` (`fxopt.codegen.tuning_db`); None: none."""
-    if path is not None:
-        path = check_database(path)
-    previous = _TUNING_DATABASE[0]
-    _TUNING_DATABASE[0] = path
-    try:
-        yield path
-    finally:
-        _TUNING_DATABASE[0] = previous
 
 
 @dataclass
@@ -75,9 +57,8 @@ def build(
         Keep the leading batch dimension symbolic when the graph allows it.
     database : str or Path, optional
         A directory written by `fxopt.tune.tune`: functions it holds tuned schedules for
-        (same shapes and target) use them, fxopt's schedules cover the rest. Default: the one
-        set by `tuning_database`, if any. Tuned shapes are static: with a symbolic batch
-        nothing matches.
+        (same shapes and target) use them, fxopt's schedules cover the rest. Default: none.
+        Tuned shapes are static: with a symbolic batch nothing matches.
 
     Returns
     -------
@@ -89,9 +70,7 @@ def build(
         tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
     )
     tvm_target = tv.make_target(target)
-    if database is None:
-        database = _TUNING_DATABASE[0]
-    else:
+    if database is not None:
         database = check_database(database)
     exported, dynamic, notes = export(gm, inputs, dynamic_batch)
     mod = import_program(exported)

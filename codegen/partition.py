@@ -34,21 +34,24 @@ class Lowered:
     islands: int = 1  # TVM islands built
 
 
-def lower_for_optimize(gm: fx.GraphModule, inputs: tuple, target, dynamic_batch: bool) -> Lowered:
-    """Build `gm` with TVM for `target`, partitioning around ops TVM cannot take."""
+def lower_for_optimize(
+    gm: fx.GraphModule, inputs: tuple, target, dynamic_batch: bool, database=None
+) -> Lowered:
+    """Build `gm` with TVM for `target`, partitioning around ops TVM cannot take; `database`
+    as in `fxopt.codegen.lower.build`."""
     kind = _kind(target)
     try:
         # the whole graph first: the frontend decomposes ops to core ATen, so an op missing
         # from its table (`unsupported_ops`) may still import
-        built = build(gm, inputs, target, dynamic_batch)
+        built = build(gm, inputs, target, dynamic_batch, database)
     except Exception as error:  # an import, legalization or codegen gap: partition
         note = f"whole-graph TVM build failed ({_first_line(error)}); partitioning"
-        return _with_note(_partitioned(gm, inputs, target, dynamic_batch), note)
+        return _with_note(_partitioned(gm, inputs, target, dynamic_batch, database), note)
     module = TVMModule(built.executable, built.target.kind.name)
     return Lowered(module, kind, built.seconds, {}, built.notes)
 
 
-def _partitioned(gm, inputs, target, dynamic_batch) -> Lowered:
+def _partitioned(gm, inputs, target, dynamic_batch, database) -> Lowered:
     kind = _kind(target)
     missing = unsupported_ops(gm)
     split, islands = split_islands(_without_guards(gm), set(missing))
@@ -62,7 +65,7 @@ def _partitioned(gm, inputs, target, dynamic_batch) -> Lowered:
         # a size passed in as a Python int would be baked in: build such an island static
         dynamic = dynamic_batch and all(isinstance(a, torch.Tensor) for a in args)
         try:
-            built = build(submodule, args, target, dynamic)
+            built = build(submodule, args, target, dynamic, database)
         except Exception as error:  # keep the island in PyTorch, and say which ops it holds
             lowered.notes.append(f"{name} stays in PyTorch: {_first_line(error)}")
             for op, count in _op_counts(submodule).items():

@@ -6,7 +6,8 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
@@ -14,19 +15,31 @@ from torch.utils import _pytree as pytree
 
 from .capture import ModelState, capture, private_copy, unwrap
 from .codegen import partition
-from .codegen.lower import tuning_database
+from .codegen.tuning_db import check_database
 from .codegen.tvm_api import check_target
 from .dynamo import optimize_with_dynamo
 from .finalize import OptimizedModule, finalize, input_spec, output_aliases
 from .ir.errors import CaptureError, InputError, VerificationError
 from .ir.export import batch_size
 from .ir.graph import snapshot
-from .pipeline import final_error, optimize_graph, resolve
+from .pipeline import DEFAULT_APPROXIMATE_MAX_ERROR, PassPlan, final_error, optimize_graph, plan
 from .precision import Float64Reference
 from .report import Report
 from .verify import input_sets, outputs
 
 BACKENDS = ("eager", "inductor", "tvm")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One `optimize` call's choices, checked."""
+
+    steps: PassPlan
+    backend: str
+    target: object
+    verify: bool
+    dynamic_batch: bool
+    tuning_db: object  # a checked database directory, or None
 
 
 def optimize(
@@ -39,6 +52,8 @@ def optimize(
     verify: bool = True,
     dynamic_batch: bool = True,
     tuning_db=None,
+    options: Mapping[str, object] | None = None,
+    approximate_max_error: float = DEFAULT_APPROXIMATE_MAX_ERROR,
 ) -> OptimizedModule:
     """Return a faster module that computes what `model` computes in eval mode.
 
@@ -67,8 +82,8 @@ def optimize(
         ``approximate=True`` raises InputError. An approximate pass is not held to the exact
         tolerance: the report records its error on the example and random inputs and its own
         summary, and rolls it back only when its relative L2 error exceeds
-        ``fxopt.pipeline.APPROXIMATE_MAX_ERROR`` or an output is not finite. Fit the result
-        to the model with `fxopt.calibrate`.
+        `approximate_max_error` or an output is not finite. Fit the result to the model with
+        `fxopt.calibrate`.
     verify : bool
         Check every pass against the graph before it and roll back a pass that fails. A model
         whose outputs differ between two runs on the same inputs (random, or stateful) cannot
@@ -80,6 +95,13 @@ def optimize(
         tuned schedules for (same shapes and target) use them, fxopt's schedules the rest.
         Tuned shapes are static, so the batch is kept static (`dynamic_batch` is ignored). A
         missing directory raises InputError.
+    options : dict, optional
+        Settings per pass, for this call only: ``{"lowrank_linear": {"energy": 0.99}}`` (or
+        the pass's settings object). Each pass named must be one the call runs, and each
+        setting one the pass has (``fxopt passes`` lists them); InputError otherwise.
+    approximate_max_error : float
+        The relative L2 error above which an approximate pass is rolled back (default 1.0: no
+        better than returning zeros, so only a broken rewrite is).
 
     Returns
     -------
@@ -92,29 +114,24 @@ def optimize(
     if tuning_db is not None:
         if backend != "tvm":
             raise InputError(f"tuning_db= applies to backend='tvm' only, not {backend!r}")
-        with tuning_database(tuning_db):
-            return optimize(
-                model, inputs, backend, target, passes, approximate, verify, dynamic_batch=False
-            )
+        tuning_db, dynamic_batch = check_database(tuning_db), False  # tuned shapes are static
+    steps = plan(passes, approximate, options, approximate_max_error)
+    if backend == "tvm" and passes is None:  # dw -> pw pairs, inverted residuals: one kernel each
+        steps = replace(steps, names=(*steps.names, "fuse_blocks"))
+    call = _Call(steps, backend, target, verify, dynamic_batch, tuning_db)
     report = Report(model=type(model).__name__, backend=backend, notes=unwrapped)
-    names = resolve(passes, approximate)
-    if backend == "tvm" and passes is None:
-        names.append("fuse_blocks")  # dw -> pw pairs and inverted residuals: one TVM kernel each
     work = _eval_copy(model, report)
     _check_weights(work)
     inputs = _copies(inputs)  # the model may write into its inputs; the caller's stay as given
     state = ModelState(work, model)
     try:
-        return _optimize(
-            model, work, inputs, state, report, names, start, backend, target, verify, dynamic_batch
-        )
+        return _optimize(model, work, inputs, state, report, call, start)
     finally:
         state.restore()  # the optimized model starts from the model's state
 
 
-def _optimize(
-    model, work, inputs, state, report, names, start, backend, target, verify, dynamic_batch
-) -> OptimizedModule:
+def _optimize(model, work, inputs, state, report, call: _Call, start) -> OptimizedModule:
+    verify, backend = call.verify, call.backend
     t = time.perf_counter()
     # eager outputs from before any pass runs: a pass that writes into a weight in place
     # changes `work` too, since the graph shares its tensors
@@ -122,7 +139,7 @@ def _optimize(
     eager = time.perf_counter() - t
     try:
         t = time.perf_counter()
-        captured = capture(work, inputs, dynamic_batch)
+        captured = capture(work, inputs, call.dynamic_batch)
         report.seconds["capture"] = time.perf_counter() - t
     except CaptureError as error:
         if not verify:
@@ -130,7 +147,7 @@ def _optimize(
         report.notes.append(f"whole-model capture failed, using the Dynamo fallback: {error}")
         if backend == "tvm":
             report.notes.append("tvm: not used; the Dynamo fallback runs its graphs in PyTorch")
-        optimized = optimize_with_dynamo(work, inputs, names, verify, report, start)
+        optimized = optimize_with_dynamo(work, inputs, call.steps, verify, report, start)
         optimized._inputs = input_spec(model, inputs, dynamic=False, guards=False)
         return optimized
     gm = captured.graph_module
@@ -140,7 +157,8 @@ def _optimize(
     report.notes += captured.kept_in_place
     aliases = output_aliases(gm)  # the model's own: a pass may drop a copy the caller relies on
     reference = Float64Reference(gm) if verify else None  # the graph before any pass
-    gm = optimize_graph(gm, inputs, names, verify, report, other_batch(inputs, captured), reference)
+    other = other_batch(inputs, captured)
+    gm = optimize_graph(gm, inputs, call.steps, verify, report, other, reference)
     t = time.perf_counter()
     fast = finalize(snapshot(gm), aliases)  # `gm` stays the readable ATen graph; `fast` runs
     report.seconds["finalize"] = time.perf_counter() - t
@@ -148,7 +166,7 @@ def _optimize(
         t = time.perf_counter()
         report.final_error = final_error(expected, fast, [inputs], report, (reference, gm))
         report.seconds["final check"] = eager + time.perf_counter() - t
-    runner = _backend_runner(fast, backend, gm, inputs, target, captured.dynamic_batch, report)
+    runner = _backend_runner(fast, call, gm, inputs, captured.dynamic_batch, report)
     if verify and backend == "tvm" and runner is not fast:
         sets = input_sets(inputs, n_random=0, other_batch=other_batch(inputs, captured))
         runner = _verified_tvm_runner(work, fast, runner, sets, report)
@@ -291,22 +309,22 @@ def _eager_outputs(model: nn.Module, inputs: tuple, state: ModelState) -> list:
     return [first]
 
 
-def _backend_runner(fast: fx.GraphModule, backend: str, gm, inputs, target, dynamic, report):
-    if backend == "inductor":
+def _backend_runner(fast: fx.GraphModule, call: _Call, gm, inputs, dynamic, report):
+    if call.backend == "inductor":
         return torch.compile(fast, backend="inductor")
-    if backend == "tvm":
-        runner = _tvm_runner(gm, inputs, target, dynamic, report)
+    if call.backend == "tvm":
+        runner = _tvm_runner(gm, inputs, call, dynamic, report)
         return fast if runner is None else runner
     return fast
 
 
-def _tvm_runner(gm: fx.GraphModule, inputs: tuple, target, dynamic: bool, report: Report):
+def _tvm_runner(gm: fx.GraphModule, inputs: tuple, call: _Call, dynamic: bool, report: Report):
     """Lower the optimized ATen graph with TVM (ops TVM lacks stay in PyTorch), noting the
     build in the report."""
-    target = target if target is not None else _default_target(inputs)
+    target = call.target if call.target is not None else _default_target(inputs)
     t = time.perf_counter()
     try:
-        lowered = partition.lower_for_optimize(gm, inputs, target, dynamic)
+        lowered = partition.lower_for_optimize(gm, inputs, target, dynamic, call.tuning_db)
     except Exception as error:  # TVM gaps vary widely; the fx graph always runs
         _tvm_fallback(report, f"the TVM build failed ({type(error).__name__}: {error})")
         return None

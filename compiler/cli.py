@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from .api import BACKENDS, optimize
 from .bench import REPEATS, WARMUP, bench, format_rows
 from .ir.errors import FxoptError, InputError
 from .progress import table
-from .rules.registry import list_passes
+from .rules.registry import defaults, list_passes
 from .tune import tune
 
 DEBUG_HELP = "on an error, also print the Python traceback"
@@ -166,6 +167,19 @@ def _add_optimize(commands) -> None:
         help="comma-separated pass names instead of the default pipeline (see `fxopt passes`)",
     )
     opt.add_argument(
+        "--approximate",
+        action="store_true",
+        help="allow the approximate passes named in --passes (see `fxopt passes`)",
+    )
+    opt.add_argument(
+        "--set",
+        metavar="PASS.SETTING=VALUE",
+        action="append",
+        default=[],
+        help="a pass setting for this run, e.g. lowrank_linear.energy=0.99 (repeatable; "
+        "`fxopt passes` lists the settings)",
+    )
+    opt.add_argument(
         "--no-verify", action="store_true", help="do not check each pass against eager PyTorch"
     )
     opt.add_argument(
@@ -244,8 +258,9 @@ def _passes(args: argparse.Namespace) -> int:
     rows = []
     for info in list_passes():
         description = info.description.removeprefix(f"{info.name}:").strip()
-        rows.append([info.name, "yes" if info.exact else "no", description])
-    print("\n".join(table(["pass", "exact", "description"], rows)))
+        settings = ", ".join(f"{k}={v!r}" for k, v in defaults(info.name).items())
+        rows.append([info.name, "yes" if info.exact else "no", settings or "-", description])
+    print("\n".join(table(["pass", "exact", "settings (defaults)", "description"], rows)))
     return 0
 
 
@@ -268,9 +283,11 @@ def _optimize(args: argparse.Namespace) -> int:
         inputs,
         backend=args.backend,
         passes=passes,
+        approximate=args.approximate,
         verify=not args.no_verify,
         dynamic_batch=not args.static_batch,
         tuning_db=args.tuning_db,
+        options=_settings(args.set),
     )
     print(optimized.report)
     if args.explain:
@@ -403,6 +420,25 @@ def _where(path: Path, error: BaseException) -> str:
 def _brief(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _settings(assignments: list[str]) -> dict[str, dict[str, object]]:
+    """``["lowrank_linear.energy=0.99"]`` as ``{"lowrank_linear": {"energy": 0.99}}``; a value
+    is read as a Python literal (number, True, a quoted string) or else kept as text."""
+    options: dict[str, dict[str, object]] = {}
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        name, dot, setting = key.strip().partition(".")
+        if not (sep and dot and name and setting):
+            raise InputError(
+                f"--set takes PASS.SETTING=VALUE, e.g. lowrank_linear.energy=0.99; got {text!r}"
+            )
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed = value.strip()
+        options.setdefault(name, {})[setting.strip()] = parsed
+    return options
 
 
 def _split(text: str) -> list[str]:

@@ -11,7 +11,8 @@ from .api import optimize
 from .codegen import tvm_api as tv
 from .codegen.artifact import Artifact
 from .codegen.artifact import load as load_artifact
-from .codegen.lower import build, tuning_database
+from .codegen.lower import build
+from .codegen.tuning_db import check_database
 from .ir.errors import UnsupportedError
 from .ir.export import batch_size
 from .pipeline import DEFAULT_PIPELINE
@@ -32,9 +33,8 @@ def compile(model, example_inputs, target="llvm", dynamic_batch=True, tuning_db=
     is kept static (`dynamic_batch` is ignored). A missing directory raises InputError.
     """
     if tuning_db is not None:
-        dynamic_batch = False
-    with tuning_database(tuning_db):
-        return compile_model(model, example_inputs, target, dynamic_batch)
+        tuning_db, dynamic_batch = check_database(tuning_db), False  # fails before optimizing
+    return compile_model(model, example_inputs, target, dynamic_batch, tuning_db)
 
 
 def load(path):
@@ -42,9 +42,12 @@ def load(path):
     return load_artifact(path)
 
 
-def compile_model(model, example_inputs, target="llvm", dynamic_batch: bool = True) -> Artifact:
-    """`fxopt.compile`: optimize (default pipeline and `fuse_blocks`, verified), build with TVM,
-    and check the build against the optimized graph when the target's device is here."""
+def compile_model(
+    model, example_inputs, target="llvm", dynamic_batch: bool = True, tuning_db=None
+) -> Artifact:
+    """`fxopt.compile`: optimize (default pipeline and `fuse_blocks`, verified), build with TVM
+    (with the tuning database `tuning_db`, if any), and check the build against the optimized
+    graph when the target's device is here."""
     tv.make_target(target)  # a bad target fails before the optimization, not after
     inputs = (
         tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
@@ -57,7 +60,7 @@ def compile_model(model, example_inputs, target="llvm", dynamic_batch: bool = Tr
             f"fxopt.compile needs one whole-model graph, but torch.export could not capture "
             f"{type(model).__name__} ({'; '.join(report.notes)}); use fxopt.optimize instead"
         )
-    built = build(optimized.graph_module, inputs, target, report.dynamic_batch)
+    built = build(optimized.graph_module, inputs, target, report.dynamic_batch, tuning_db)
     report.seconds["tvm build"] = built.seconds
     report.notes += [f"tvm: {note}" for note in built.notes]
     artifact = Artifact(built, report)

@@ -26,7 +26,7 @@ from torch import fx, nn
 from .capture import capture
 from .finalize import OptimizedModule, finalize, output_aliases
 from .ir.errors import CaptureError
-from .pipeline import DEFAULT_PIPELINE, optimize_graph
+from .pipeline import PassPlan, optimize_graph, plan
 from .report import Report
 from .verify import check, input_sets
 
@@ -139,9 +139,11 @@ class _PerWeights:
         return self.gm(*flat)
 
 
-def make_backend(names=DEFAULT_PIPELINE, verify: bool = True, report: Report | None = None):
-    """A Dynamo backend that optimizes each captured graph with the named passes, once per set of
-    weights it is called with (see the module docstring)."""
+def make_backend(steps: PassPlan | None = None, verify: bool = True, report: Report | None = None):
+    """A Dynamo backend that optimizes each captured graph with the passes of `steps` (default:
+    the default pipeline), once per set of weights it is called with (see the module
+    docstring)."""
+    steps = steps if steps is not None else plan()
 
     def backend(gm: fx.GraphModule, example_inputs):
         if not all(isinstance(x, torch.Tensor) for x in example_inputs):
@@ -163,7 +165,7 @@ def make_backend(names=DEFAULT_PIPELINE, verify: bool = True, report: Report | N
             sets = input_sets(args) if verify else []
             aliases = output_aliases(captured.graph_module)  # a pass may drop a copy
             optimized = optimize_graph(
-                captured.graph_module, args, names, verify, graph_report, None
+                captured.graph_module, args, steps, verify, graph_report, None
             )
             optimized = finalize(optimized, aliases)
             if verify:
@@ -179,18 +181,20 @@ def make_backend(names=DEFAULT_PIPELINE, verify: bool = True, report: Report | N
     return backend
 
 
-def fxopt_backend(gm: fx.GraphModule, example_inputs):
-    """`torch.compile(model, backend="fxopt")`: the default pipeline on each graph."""
-    return make_backend()(gm, example_inputs)
+def fxopt_backend(gm: fx.GraphModule, example_inputs, options=None):
+    """`torch.compile(model, backend="fxopt")`: the default pipeline on each graph.
+    ``torch.compile(..., options={"canonicalize_attention": {"always": True}})`` gives its
+    passes settings, as ``optimize(..., options=...)`` does."""
+    return make_backend(plan(options=options))(gm, example_inputs)
 
 
 def optimize_with_dynamo(
-    model: nn.Module, inputs: tuple, names, verify: bool, report: Report, start: float
+    model: nn.Module, inputs: tuple, steps: PassPlan, verify: bool, report: Report, start: float
 ):
     report.capture = "dynamo fallback"
     explanation = torch._dynamo.explain(model)(*inputs)
     report.graph_breaks = [_describe_break(b) for b in explanation.break_reasons]
-    compiled = torch.compile(model, backend=make_backend(names, verify, report), dynamic=False)
+    compiled = torch.compile(model, backend=make_backend(steps, verify, report), dynamic=False)
     try:
         with torch.no_grad():
             compiled(*inputs)  # compiles every graph now, so the report is complete

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -19,8 +20,8 @@ from .ir.errors import InputError, VerificationError
 from .ir.graph import clean
 from .precision import Float64Reference
 from .report import PassRecord, Report
-from .rules.approximate import ApproximateResult, update_settings  # noqa: F401  (their old home)
-from .rules.registry import get_pass
+from .rules.approximate import ApproximateResult  # noqa: F401  (its old home)
+from .rules.registry import get_pass, settings_for
 from .rules.rewrite import PassResult
 from .verify import check_against, input_sets, outputs
 
@@ -71,9 +72,51 @@ def resolve(passes: Sequence[str] | None, approximate: bool) -> list[str]:
 
 # An approximate pass is rolled back when its relative L2 error on any verification input set
 # exceeds this: 1.0 is no better than returning zeros, so only a broken rewrite trips it by
-# default. Set it lower (``fxopt.pipeline.APPROXIMATE_MAX_ERROR = 0.05``) or pass
-# `approximate_max_error` to `run_passes` to keep only approximations you accept.
-APPROXIMATE_MAX_ERROR = 1.0
+# default. Pass a lower one per call (``optimize(..., approximate_max_error=0.05)``) to keep
+# only approximations you accept.
+DEFAULT_APPROXIMATE_MAX_ERROR = 1.0
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What one call runs: pass names in order, each one's settings (pass name -> its settings
+    object; the rest use their defaults) and the limit on an approximate pass's error."""
+
+    names: tuple[str, ...]
+    settings: Mapping[str, object] = field(default_factory=dict)
+    approximate_max_error: float = DEFAULT_APPROXIMATE_MAX_ERROR
+
+
+def plan(
+    passes: Sequence[str] | None = None,
+    approximate: bool = False,
+    options: Mapping[str, object] | None = None,
+    approximate_max_error: float = DEFAULT_APPROXIMATE_MAX_ERROR,
+) -> PassPlan:
+    """The `PassPlan` of one call, every argument checked (InputError saying what is wrong).
+
+    `options` maps a pass name to its settings: a dict of setting names to values, or the
+    pass's settings object (``{"lowrank_linear": {"energy": 0.99}}``); a pass must be among
+    those the call runs."""
+    names = resolve(passes, approximate)
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise InputError(
+            f"options= takes a dict from pass name to its settings, not {type(options).__name__}"
+        )
+    for name in options:
+        get_pass(name)  # InputError naming the registered passes
+        if name not in names:
+            raise InputError(
+                f"options for pass {name!r}, which this call does not run; add it to passes= "
+                f"(running: {', '.join(names)})"
+            )
+    settings = {name: settings_for(name, given) for name, given in options.items()}
+    limit = approximate_max_error
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0:
+        raise InputError(f"approximate_max_error must be a number above 0, got {limit!r}")
+    return PassPlan(tuple(names), settings, float(limit))
 
 
 def run_passes(
@@ -82,9 +125,10 @@ def run_passes(
     inputs: Sequence[tuple],
     report: Report,
     verify: bool = True,
-    approximate_max_error: float | None = None,
+    approximate_max_error: float = DEFAULT_APPROXIMATE_MAX_ERROR,
     expected: list | None = None,
     reference: Float64Reference | None = None,
+    settings: Mapping[str, object] | None = None,
 ) -> fx.GraphModule:
     """Run each pass on `gm`; with `verify`, check it against the graph before it on `inputs`
     and roll it back when it fails. Returns the final graph module.
@@ -104,8 +148,11 @@ def run_passes(
     (``exact=False``) is not held to that tolerance: its error on the example inputs
     (``inputs[0]``) and on the other input sets is measured and recorded (max abs, relative
     L2), and it is rolled back only when the relative L2 error exceeds `approximate_max_error`
-    (default `APPROXIMATE_MAX_ERROR`) or its output is not finite."""
-    limit = APPROXIMATE_MAX_ERROR if approximate_max_error is None else approximate_max_error
+    or its output is not finite.
+
+    `settings` maps a pass name to its settings object (checked ones: see `plan`); the other
+    passes run with their defaults."""
+    limit, settings = approximate_max_error, settings or {}
     if verify and expected is None:
         expected = outputs(gm, inputs)
     if verify and reference is None:
@@ -118,7 +165,9 @@ def run_passes(
             saved = checkpoint(gm)
             record.verify_seconds = time.perf_counter() - start
         before = gm
-        gm, expected = _run_pass(gm, record, inputs, expected, saved, limit, reference)
+        gm, expected = _run_pass(
+            gm, record, inputs, expected, saved, limit, reference, settings.get(name)
+        )
         if record.status != "no change" or gm is not before:  # changed, or `saved` restored
             saved = None
         records.append(record)
@@ -129,14 +178,16 @@ def run_passes(
     return gm
 
 
-def _run_pass(gm: fx.GraphModule, record: PassRecord, inputs, expected, saved, limit, reference):
-    """Run one pass, filling `record`; verify it and roll it back to `saved` (a checkpoint of
-    `gm`) unless `saved` is None. Returns the graph and the outputs the next pass is checked
-    against."""
+def _run_pass(
+    gm: fx.GraphModule, record: PassRecord, inputs, expected, saved, limit, reference, settings
+):
+    """Run one pass with `settings` (None: its defaults), filling `record`; verify it and roll
+    it back to `saved` (a checkpoint of `gm`) unless `saved` is None. Returns the graph and the
+    outputs the next pass is checked against."""
     info, original, written = get_pass(record.name), gm, None
     start, checking = time.perf_counter(), 0.0
     try:
-        result = info.fn(gm)
+        result = info.run(gm, settings)
         written = written_in_place(saved) if saved is not None else []
         gm = clean(result.graph_module) if result.modified else result.graph_module
         _describe(record, result)
@@ -263,8 +314,8 @@ def _check_limit(errors: dict[str, dict[str, float]], limit: float) -> None:
         if error["rel_l2"] > limit:
             raise VerificationError(
                 f"relative L2 error {error['rel_l2']:.3g} on the {key} inputs exceeds the "
-                f"approximate-pass limit {limit:g}; loosen the pass's budget, or raise "
-                "fxopt.pipeline.APPROXIMATE_MAX_ERROR to keep it"
+                f"approximate-pass limit {limit:g}; loosen the pass's budget (options=), or raise "
+                "approximate_max_error= to keep it"
             )
 
 
@@ -302,13 +353,13 @@ def final_error(
 def optimize_graph(
     gm: fx.GraphModule,
     inputs: tuple,
-    names,
+    steps: PassPlan,
     verify: bool,
     report: Report,
     other: int | None,
     reference: Float64Reference | None = None,
 ) -> fx.GraphModule:
-    """Run the named passes on a captured graph, filling the report's statistics and times:
+    """Run the passes of `steps` on a captured graph, filling the report's statistics and times:
     "stats" (op counts and FLOPs before and after), "reference" (the captured graph's outputs
     on the verification inputs), "rewrite" and "verify" (the passes' own time, and checking
     them)."""
@@ -319,7 +370,17 @@ def optimize_graph(
     sets = input_sets(inputs, n_random=2, other_batch=other) if verify else []
     expected = outputs(gm, sets) if verify else None
     _add_seconds(report, "reference", t)
-    gm = run_passes(gm, names, sets, report, verify, expected=expected, reference=reference)
+    gm = run_passes(
+        gm,
+        steps.names,
+        sets,
+        report,
+        verify,
+        steps.approximate_max_error,
+        expected=expected,
+        reference=reference,
+        settings=steps.settings,
+    )
     t = time.perf_counter()
     report.after = _merge_stats(report.after, cost.stats(gm, inputs))
     _add_seconds(report, "stats", t)

@@ -16,8 +16,8 @@ fully masked rows are NaN on both sides (for finite scores). Measured
 on CPU fp32 against the hand-written form: max error below 1e-6 relative to the output's scale
 (tests/passes/test_canonicalize_attention.py, tests/reliability/test_dynamo_attention_cli.py).
 Declines when: the mask is an additive float mask, or the value head dim differs from the
-query's (SDPA is slower than the hand-written form on CPU there; see CONFIG); dropout runs in
-training mode; softmax is not over the last axis or casts; a
+query's (SDPA is slower than the hand-written form on CPU there; the ``always`` setting
+rewrites them too); dropout runs in training mode; softmax is not over the last axis or casts; a
 score, logit or weight has another user (attention maps returned); the scaling sits on top of
 the mask; a constant mask hides a whole row, or holds +inf or NaN (softmax gives NaN there, SDPA
 may not), or reads no input yet cannot be evaluated (written in place), or masked_fill writes a
@@ -28,7 +28,6 @@ Reference: Vaswani et al. 2017; torch.nn.functional.scaled_dot_product_attention
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,6 @@ from fxopt.analysis.attention_match import (
     swaps_last_two,
 )
 from fxopt.ir.graph import add_constant, arg, call, is_op, mutated_nodes, val
-from fxopt.rules.approximate import update_settings
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewrite
 
@@ -55,23 +53,18 @@ aten = torch.ops.aten
 # mask or a value head dim that differs from the query's, and is then 1.4-1.9x slower than the
 # hand-written form (LeViT-128S's attention, 4 heads of 196 tokens, q/k dim 16, v dim 32: 0.60
 # ms against 0.35 ms); with neither it is 1.1-2x faster. The pass declines those two forms
-# unless `configure(always=True)`, for a target whose fused kernels take them (a GPU).
-CONFIG = {"always": False}
+# unless ``always`` is set (``options={"canonicalize_attention": {"always": True}}``), for a
+# target whose fused kernels take them (a GPU).
 
 
-def configure(**settings) -> dict:
-    """Set ``always``; returns the previous settings."""
-    return update_settings(CONFIG, settings)
+@dataclass(frozen=True)
+class AttentionSettings:
+    """`always`: rewrite the forms SDPA runs slower on CPU too."""
+
+    always: bool = False
 
 
-@contextlib.contextmanager
-def configured(**settings):
-    """`configure` for the duration of a with block."""
-    old = configure(**settings)
-    try:
-        yield
-    finally:
-        configure(**old)
+DEFAULT = AttentionSettings()
 
 
 @dataclass(frozen=True)
@@ -96,8 +89,9 @@ def attention_output(node: fx.Node) -> tuple[fx.Node, ...] | None:
     return (node.args[0], node)
 
 
-def read_attention(gm: fx.GraphModule, root: fx.Node):
-    """The `Attention` behind `root`, or a `decline` saying why not."""
+def read_attention(gm: fx.GraphModule, root: fx.Node, always: bool):
+    """The `Attention` behind `root`, or a `decline` saying why not (also where SDPA is slower on
+    CPU, unless `always`)."""
     weights, value = root.args[:2]
     if is_op(weights, aten.dropout):
         if arg(weights, 2, "train", False):
@@ -116,7 +110,7 @@ def read_attention(gm: fx.GraphModule, root: fx.Node):
     if not found:
         return found if isinstance(found, Declined) else decline("the logits are not q @ kT")
     score_node, mask, is_causal = found
-    return build_attention(gm, root, value, weights, score_node, mask, is_causal)
+    return build_attention(gm, root, value, weights, score_node, mask, is_causal, always)
 
 
 def single_input(node: fx.Node) -> fx.Node | None:
@@ -177,7 +171,7 @@ def broadcasts(mask: torch.Tensor, target: torch.Tensor) -> bool:
     return all(m == 1 or m == t for m, t in pairs)
 
 
-def build_attention(gm, root, value, weights, score_node, mask, is_causal):
+def build_attention(gm, root, value, weights, score_node, mask, is_causal, always):
     s = scores(gm, score_node)
     if s is None or len(score_node.users) != 1:
         return decline("the scores are not scaled q @ kT with no other user")
@@ -199,7 +193,7 @@ def build_attention(gm, root, value, weights, score_node, mask, is_causal):
     if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         return decline("q, k and v differ in their batch dimensions")
     slower = slower_on_cpu(q, v, mask)
-    if slower and not CONFIG["always"]:
+    if slower and not always:
         return decline(slower)
     nodes = (*q_chain, *k_chain, s.matmul, *s.chain, score_node, weights, root)
     if set(nodes) & mutated_nodes(gm):
@@ -212,7 +206,8 @@ def build_attention(gm, root, value, weights, score_node, mask, is_causal):
 
 
 def slower_on_cpu(q: torch.Tensor, v: torch.Tensor, mask) -> str | None:
-    """Why SDPA would be slower on CPU than the hand-written form (see CONFIG), or None."""
+    """Why SDPA would be slower on CPU than the hand-written form (see `AttentionSettings`), or
+    None."""
     if v.shape[-1] != q.shape[-1]:
         return (
             f"the value head dim ({v.shape[-1]}) differs from the query's ({q.shape[-1]}): "
@@ -224,9 +219,9 @@ def slower_on_cpu(q: torch.Tensor, v: torch.Tensor, mask) -> str | None:
     return None
 
 
-def can_canonicalize(match: Match):
+def can_canonicalize(match: Match, always: bool = False):
     """The `Attention` to write as one SDPA call, or a `decline`."""
-    return read_attention(match.gm, match.root)
+    return read_attention(match.gm, match.root, always)
 
 
 def canonicalize(match: Match) -> fx.Node:
@@ -261,12 +256,21 @@ def nan_where_hidden(gm: fx.GraphModule, out: fx.Node, mask: fx.Node) -> fx.Node
     return call(gm, aten.where.ScalarSelf, (hidden, float("nan"), out))
 
 
-RULES = [
-    # softmax(q @ kT * s [+ mask]) @ v  =>  sdpa(q, k, v, attn_mask, is_causal, scale=s)
-    Rule("softmax-attention", pattern=attention_output, check=can_canonicalize, build=canonicalize),
-]
+def rules(settings: AttentionSettings = DEFAULT) -> list[Rule]:
+    return [
+        # softmax(q @ kT * s [+ mask]) @ v  =>  sdpa(q, k, v, attn_mask, is_causal, scale=s)
+        Rule(
+            "softmax-attention",
+            pattern=attention_output,
+            check=lambda m: can_canonicalize(m, settings.always),
+            build=canonicalize,
+        ),
+    ]
 
 
-@register_pass("canonicalize_attention", exact=True)
-def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
-    return rewrite(gm, RULES)
+RULES = rules()
+
+
+@register_pass("canonicalize_attention", exact=True, settings=AttentionSettings)
+def canonicalize_attention(gm: fx.GraphModule, settings: AttentionSettings = DEFAULT) -> PassResult:
+    return rewrite(gm, rules(settings))

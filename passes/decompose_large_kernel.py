@@ -5,7 +5,8 @@ middle row and the middle column (InceptionNeXt's branches). Those supports are 
 so the projection keeps the kernel's taps there and zeroes the rest; the 3 x 3 branch takes the
 square (and the bias), the bands take the rest of the middle row and column. The pass reports
 the projection's relative residual ||W - P(W)|| / ||W|| (Frobenius, over all channels), and
-declines kernels whose residual exceeds ``configure(max_residual=...)`` (default 1.0: never).
+declines kernels whose residual exceeds the ``max_residual`` setting (default 1.0: never; per
+call: ``optimize(..., options={"decompose_large_kernel": {"max_residual": 0.3}})``).
 Exact: no, unless the kernel is zero off the square and the bands (then up to rounding).
 Declines when: the kernel size is even or the input unbatched; the conv is dilated or its
 padding is not k // 2 (any stride is kept: every branch uses it); its weight or bias is not a
@@ -16,11 +17,14 @@ depthwise call's fixed cost) and the adds; on CPU a dense kernel above 13 x 13 i
 because PyTorch's depthwise conv leaves its fast path there. Measured on one core (dense vs
 branches): 64 ch at 56x56, k = 9: 0.47 vs 1.05 ms, k = 13: 0.95 vs 2.3 ms (dense wins), k = 15:
 63 vs 7 ms, k = 31: 396 vs 17 ms; replknet_like's 31x31 at 16x16: 11.6 vs 0.6 ms (batch 1).
-Depthwise convs with a non-square kernel or k < ``min_kernel`` (default 7) are not matched.
+Depthwise convs with a non-square kernel or k < ``min_kernel`` (a setting, default 7) are not
+matched.
 Reference: InceptionNeXt (Yu et al. 2024).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -28,7 +32,7 @@ from torch import fx
 from fxopt.analysis.cost import Cost, call_overhead, conv_flops, hinted, node_roofline, roofline
 from fxopt.ir.graph import add_constant, call, constant, is_op, owns_weights, val
 from fxopt.ir.ops import conv
-from fxopt.rules.approximate import ApproximateResult, update_settings
+from fxopt.rules.approximate import ApproximateResult
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 
@@ -38,12 +42,25 @@ aten = torch.ops.aten
 # kernel past the cliff is priced this many times its roofline.
 CPU_SLOW_KERNEL, CPU_SLOW_FACTOR = 13, 20.0
 TAG = "calib_band"  # `fxopt.calibrate` fits constants whose name carries "calib"
-CONFIG = {"min_kernel": 7, "max_residual": 1.0}
 
 
-def configure(**settings) -> dict:
-    """Set ``min_kernel`` and ``max_residual``; returns the previous settings."""
-    return update_settings(CONFIG, settings)
+@dataclass(frozen=True)
+class DecomposeSettings:
+    """`min_kernel`: the smallest kernel side matched; `max_residual`: the largest relative
+    projection residual accepted."""
+
+    min_kernel: int = 7
+    max_residual: float = 1.0
+
+    def __post_init__(self):
+        if self.min_kernel < 3 or self.max_residual < 0:
+            raise ValueError(
+                f"min_kernel must be at least 3 and max_residual at least 0, got "
+                f"{self.min_kernel} and {self.max_residual}"
+            )
+
+
+DEFAULT = DecomposeSettings()
 
 
 def project(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -64,7 +81,7 @@ def project(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return square, row, column, residual
 
 
-def large_depthwise(node: fx.Node) -> list[fx.Node] | None:
+def large_depthwise(node: fx.Node, min_kernel: int) -> list[fx.Node] | None:
     """A depthwise conv2d with a square kernel of at least ``min_kernel`` taps a side."""
     found = conv(node) if is_op(node, aten.conv2d) else None
     if found is None or not isinstance(val(found.weight), torch.Tensor):
@@ -73,10 +90,10 @@ def large_depthwise(node: fx.Node) -> list[fx.Node] | None:
     if weight.dim() != 4 or weight.shape[1] != 1 or found.groups != weight.shape[0]:
         return None
     kh, kw = weight.shape[2:]
-    return [node] if kh == kw and kh >= CONFIG["min_kernel"] else None
+    return [node] if kh == kw and kh >= min_kernel else None
 
 
-def can_decompose(match: Match) -> object:
+def can_decompose(match: Match, max_residual: float) -> object:
     """The projection (square, row, column kernels and the residual), or a `decline`."""
     found = conv(match.root)
     k = val(found.weight).shape[-1]
@@ -88,8 +105,8 @@ def can_decompose(match: Match) -> object:
         return decline("weight or bias is not a constant used only here")
     node = match.root
     square, row, column, residual = project(constant(match.gm, found.weight))
-    if residual > CONFIG["max_residual"]:
-        return decline(f"projection residual {residual:.3g} exceeds {CONFIG['max_residual']}")
+    if residual > max_residual:
+        return decline(f"projection residual {residual:.3g} exceeds {max_residual}")
     dense, split = node_roofline(node), branch_cost(node, [(3, 3), (1, k), (k, 1)])
     if k > CPU_SLOW_KERNEL and val(node).device.type == "cpu":
         dense *= CPU_SLOW_FACTOR
@@ -129,15 +146,17 @@ def decompose(match: Match, residuals: list) -> fx.Node:
     return call(gm, aten.add.Tensor, (total, outputs[2]))
 
 
-@register_pass("decompose_large_kernel", exact=False)
-def decompose_large_kernel(gm: fx.GraphModule) -> ApproximateResult:
+@register_pass("decompose_large_kernel", exact=False, settings=DecomposeSettings)
+def decompose_large_kernel(
+    gm: fx.GraphModule, settings: DecomposeSettings = DEFAULT
+) -> ApproximateResult:
     residuals: list = []
     rules = [
         # dw_conv k x k  =>  dw_conv 3x3 + dw_conv 1xk + dw_conv kx1
         Rule(
             "dw-square-bands",
-            pattern=large_depthwise,
-            check=can_decompose,
+            pattern=lambda node: large_depthwise(node, settings.min_kernel),
+            check=lambda m: can_decompose(m, settings.max_residual),
             build=lambda m: decompose(m, residuals),
         ),
     ]

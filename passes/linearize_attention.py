@@ -2,7 +2,8 @@
 phi(q) (phi(k)^T v) / (phi(q) (phi(k)^T 1) + eps).
 
 The N x M attention matrix is never formed: phi(k)^T v is d x dv, so the cost is O(N d dv)
-instead of O(N M (d + dv)). The feature map phi comes from ``configure(feature_map=...)``:
+instead of O(N M (d + dv)). The feature map phi is the ``feature_map`` setting (per call:
+``optimize(..., options={"linearize_attention": {"feature_map": "focused"}})``):
 "elu" (elu(x) + 1, the default), "relu", "focused" (FLatten: relu(x)^p rescaled to the norm of
 relu(x), p = ``power``, default 3) or "learnable" (elu(x A) + 1 with one d x d matrix A per head,
 for q and for k, initialised to the identity; `fxopt.calibrate` fits them, and they are graph
@@ -23,31 +24,38 @@ CLEAR, LiT, L2ViT (linear attention distilled from softmax).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from fxopt.analysis.cost import OP_OVERHEAD_BYTES, Cost, hinted, node_roofline, roofline
 from fxopt.ir.graph import add_constant, arg, call, is_op, val
-from fxopt.rules.approximate import ApproximateResult, update_settings
+from fxopt.rules.approximate import ApproximateResult
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 
 aten = torch.ops.aten
 FEATURE_MAPS = ("elu", "relu", "focused", "learnable")
-CONFIG = {"feature_map": "elu", "power": 3.0, "eps": 1e-6}
 TAG = "calib_feature_map"  # `fxopt.calibrate` fits constants whose name carries "calib"
 LINEAR_CALLS = 10  # ops in the linear form, each with a fixed cost
 
 
-def configure(**settings) -> dict:
-    """Set ``feature_map`` (one of FEATURE_MAPS), ``power`` and ``eps``; returns the previous
-    settings, so ``configure(**old)`` restores them."""
-    if settings.get("feature_map", "elu") not in FEATURE_MAPS:
-        raise ValueError(
-            f"feature_map must be one of {FEATURE_MAPS}, got {settings['feature_map']}"
-        )
-    return update_settings(CONFIG, settings)
+@dataclass(frozen=True)
+class LinearizeSettings:
+    """`feature_map`: one of FEATURE_MAPS; `power`: the focused map's exponent; `eps`: added
+    to the denominator."""
+
+    feature_map: str = "elu"
+    power: float = 3.0
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+
+
+DEFAULT = LinearizeSettings()
 
 
 def can_linearize(match: Match) -> bool:
@@ -79,14 +87,14 @@ def linear_cost(node: fx.Node) -> float:
     return roofline(Cost(flops, moved * size), LINEAR_CALLS * OP_OVERHEAD_BYTES)
 
 
-def feature_map(gm: fx.GraphModule, x: fx.Node, role: str) -> fx.Node:
-    """phi(x) for the configured feature map, inserted at the insertion point."""
-    kind = CONFIG["feature_map"]
+def feature_map(gm: fx.GraphModule, x: fx.Node, role: str, settings: LinearizeSettings) -> fx.Node:
+    """phi(x) for the chosen feature map, inserted at the insertion point."""
+    kind = settings.feature_map
     if kind == "relu":
         return call(gm, aten.relu.default, (x,))
     if kind == "focused":
         r = call(gm, aten.relu.default, (x,))
-        rp = call(gm, aten.pow.Tensor_Scalar, (r, CONFIG["power"]))
+        rp = call(gm, aten.pow.Tensor_Scalar, (r, settings.power))
         norm_r = call(gm, aten.linalg_vector_norm.default, (r, 2, [-1], True))
         norm_rp = call(gm, aten.linalg_vector_norm.default, (rp, 2, [-1], True))
         ratio = call(gm, aten.div.Tensor, (norm_r, call(gm, aten.add.Tensor, (norm_rp, 1e-12))))
@@ -100,17 +108,17 @@ def feature_map(gm: fx.GraphModule, x: fx.Node, role: str) -> fx.Node:
     return call(gm, aten.add.Tensor, (call(gm, aten.elu.default, (x,)), 1.0))
 
 
-def linearize(match: Match) -> fx.Node:
+def linearize(match: Match, settings: LinearizeSettings) -> fx.Node:
     gm, node = match.gm, match.root
     q, k, v = node.args[:3]
-    phi_q, phi_k = feature_map(gm, q, "q"), feature_map(gm, k, "k")
+    phi_q, phi_k = feature_map(gm, q, "q", settings), feature_map(gm, k, "k", settings)
     phi_k_t = call(gm, aten.transpose.int, (phi_k, -2, -1))
     kv = call(gm, aten.matmul.default, (phi_k_t, v))  # (..., d, dv)
     numerator = call(gm, aten.matmul.default, (phi_q, kv))  # (..., N, dv)
     k_sum = call(gm, aten.sum.dim_IntList, (phi_k, [-2], True))  # (..., 1, d)
     weighted = call(gm, aten.mul.Tensor, (phi_q, k_sum))
     denominator = call(gm, aten.sum.dim_IntList, (weighted, [-1], True))  # (..., N, 1)
-    denominator = call(gm, aten.add.Tensor, (denominator, CONFIG["eps"]))
+    denominator = call(gm, aten.add.Tensor, (denominator, settings.eps))
     return call(gm, aten.div.Tensor, (numerator, denominator))
 
 
@@ -118,15 +126,22 @@ def is_attention(node: fx.Node) -> list[fx.Node] | None:
     return [node] if is_op(node, aten.scaled_dot_product_attention) else None
 
 
-@register_pass("linearize_attention", exact=False)
-def linearize_attention(gm: fx.GraphModule) -> ApproximateResult:
+@register_pass("linearize_attention", exact=False, settings=LinearizeSettings)
+def linearize_attention(
+    gm: fx.GraphModule, settings: LinearizeSettings = DEFAULT
+) -> ApproximateResult:
     rules = [
         # softmax(q k^T) v  =>  phi(q) (phi(k)^T v) / (phi(q) phi(k)^T 1)
-        Rule("sdpa-linear", pattern=is_attention, check=can_linearize, build=linearize),
+        Rule(
+            "sdpa-linear",
+            pattern=is_attention,
+            check=can_linearize,
+            build=lambda m: linearize(m, settings),
+        ),
     ]
     result = rewrite(gm, rules)
     count = result.applied.get("sdpa-linear", 0)
-    summary = {"feature map": CONFIG["feature_map"], "attentions": count} if count else {}
+    summary = {"feature map": settings.feature_map, "attentions": count} if count else {}
     return ApproximateResult(
         result.graph_module, result.modified, result.applied, result.declined, summary
     )

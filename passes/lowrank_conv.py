@@ -3,8 +3,8 @@
 W is read as an out x (in * k * k) matrix. The first conv keeps the original stride, padding
 and dilation and computes r channels with R's filters; the 1 x 1 conv mixes them into the out
 channels with L and adds the bias (a "spatial then pointwise" factoring, the conv analogue
-of `lowrank_linear`). r keeps at least `energy` of sum(s**2) (default 0.999, shared
-with `lowrank_linear`: ``fxopt.passes.lowrank_linear.configure(energy=...)``).
+of `lowrank_linear`). r keeps at least `energy` of sum(s**2) (default 0.999; per call:
+``optimize(..., options={"lowrank_conv": {"energy": 0.99}})``, as for `lowrank_linear`).
 Exact: no, unless the reshaped weight has rank r.
 Declines when: the conv is grouped, transposed or an `aten.convolution`; its weight or bias is
 not a constant used only here; the weight is zero; or the factored form is not cheaper:
@@ -19,7 +19,7 @@ import math
 import torch
 from torch import fx
 
-from fxopt.analysis.lowrank import CONFIG, TAG, factored, summarize, truncate
+from fxopt.analysis.lowrank import DEFAULT, TAG, LowRankSettings, factored, summarize, truncate
 from fxopt.ir.graph import add_constant, call, constant, owns_weights
 from fxopt.ir.ops import CONVS, conv
 from fxopt.rules.approximate import ApproximateResult
@@ -37,7 +37,7 @@ def plain_conv(node: fx.Node) -> list[fx.Node] | None:
     return [node]
 
 
-def can_factor(match: Match) -> object:
+def can_factor(match: Match, energy: float) -> object:
     """The truncated factors of the weight's matrix, or a `decline` saying why not to factor."""
     found = conv(match.root)
     if found.groups != 1:
@@ -48,10 +48,10 @@ def can_factor(match: Match) -> object:
     if not weight.any():
         return decline("weight is zero")
     out_channels, taps = weight.shape[0], math.prod(weight.shape[1:])
-    f = truncate(weight.reshape(out_channels, taps), CONFIG["energy"])
+    f = truncate(weight.reshape(out_channels, taps), energy)
     if f.rank * (taps + out_channels) >= out_channels * taps:
         return decline(
-            f"rank {f.rank} of {min(out_channels, taps)} keeps {CONFIG['energy']} of the "
+            f"rank {f.rank} of {min(out_channels, taps)} keeps {energy} of the "
             f"energy; not cheaper ({f.rank}*({taps}+{out_channels}) >= {out_channels}*{taps})"
         )
     return f
@@ -78,12 +78,17 @@ def factor(match: Match, kept: list) -> fx.Node:
     return call(gm, op, (hidden, left, found.bias))
 
 
-@register_pass("lowrank_conv", exact=False)
-def lowrank_conv(gm: fx.GraphModule) -> ApproximateResult:
+@register_pass("lowrank_conv", exact=False, settings=LowRankSettings)
+def lowrank_conv(gm: fx.GraphModule, settings: LowRankSettings = DEFAULT) -> ApproximateResult:
     kept: list = []
     rules = [
         # conv(x, W)  =>  conv1x1(conv(x, R), L)
-        Rule("conv-lowrank", pattern=plain_conv, check=can_factor, build=lambda m: factor(m, kept)),
+        Rule(
+            "conv-lowrank",
+            pattern=plain_conv,
+            check=lambda m: can_factor(m, settings.energy),
+            build=lambda m: factor(m, kept),
+        ),
     ]
     result = rewrite(gm, rules)
     return ApproximateResult(

@@ -3,8 +3,8 @@
 W = U S Vh (SVD); r is the smallest rank whose singular values keep at least `energy` of
 sum(s**2), and L = U_r sqrt(S_r), R = sqrt(S_r) Vh_r (the square root balances the two factors,
 which helps `fxopt.calibrate` fit them). The default energy 0.999 (epsilon = 1e-3) bounds the
-weight's relative Frobenius error by sqrt(1e-3) ~ 3%; set it with
-``fxopt.passes.lowrank_linear.configure(energy=0.99)``, which `lowrank_conv` shares.
+weight's relative Frobenius error by sqrt(1e-3) ~ 3%; set it per call with
+``optimize(..., options={"lowrank_linear": {"energy": 0.99}})`` (`LowRankSettings`).
 Exact: no, unless W has rank r (then up to rounding). The pass reports the ranks it kept and the
 smallest energy fraction kept; the pipeline reports the output error.
 Declines when: the weight (or bias) is not a constant used only here, it is all zeros, or the
@@ -18,22 +18,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxopt.analysis.lowrank import CONFIG, TAG, factored, summarize, truncate
+from fxopt.analysis.lowrank import DEFAULT, TAG, LowRankSettings, factored, summarize, truncate
 from fxopt.ir.graph import add_constant, call, constant, is_op, owns_weights
-from fxopt.rules.approximate import ApproximateResult, update_settings
+from fxopt.rules.approximate import ApproximateResult
 from fxopt.rules.registry import register_pass
 from fxopt.rules.rewrite import Match, Rule, decline, rewrite
 
 aten = torch.ops.aten
-
-
-def configure(**settings) -> dict:
-    """Set the low-rank passes' budget (``energy``: the fraction of sum(s**2) to keep, in
-    (0, 1]); returns the previous settings, so ``configure(**old)`` restores them."""
-    energy = settings.get("energy", CONFIG["energy"])
-    if not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
-    return update_settings(CONFIG, settings)
 
 
 def plain_linear(node: fx.Node) -> list[fx.Node] | None:
@@ -43,7 +34,7 @@ def plain_linear(node: fx.Node) -> list[fx.Node] | None:
     return [node]
 
 
-def can_factor(match: Match) -> object:
+def can_factor(match: Match, energy: float) -> object:
     """The truncated factors of the weight, or a `decline` saying why not to factor it."""
     node = match.root
     weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
@@ -53,10 +44,10 @@ def can_factor(match: Match) -> object:
         return decline("weight is not a non-zero matrix")
     weight = constant(match.gm, weight)
     out_features, in_features = weight.shape
-    f = truncate(weight, CONFIG["energy"])
+    f = truncate(weight, energy)
     if f.rank * (in_features + out_features) >= in_features * out_features:
         return decline(
-            f"rank {f.rank} of {min(weight.shape)} keeps {CONFIG['energy']} of the energy; "
+            f"rank {f.rank} of {min(weight.shape)} keeps {energy} of the energy; "
             f"not cheaper ({f.rank}*({in_features}+{out_features}) >= {in_features}*{out_features})"
         )
     return f
@@ -80,15 +71,15 @@ def factor(match: Match, kept: list) -> fx.Node:
     return call(gm, aten.linear.default, (hidden, left, bias))
 
 
-@register_pass("lowrank_linear", exact=False)
-def lowrank_linear(gm: fx.GraphModule) -> ApproximateResult:
+@register_pass("lowrank_linear", exact=False, settings=LowRankSettings)
+def lowrank_linear(gm: fx.GraphModule, settings: LowRankSettings = DEFAULT) -> ApproximateResult:
     kept: list = []
     rules = [
         # linear(x, W)  =>  linear(linear(x, R), L)
         Rule(
             "linear-lowrank",
             pattern=plain_linear,
-            check=can_factor,
+            check=lambda m: can_factor(m, settings.energy),
             build=lambda m: factor(m, kept),
         ),
     ]

@@ -1,8 +1,9 @@
 """Low-rank factors by SVD truncation, and the budget both low-rank passes share.
 
 `lowrank_linear` factors a linear's weight and `lowrank_conv` a conv's (read as a matrix), with
-one setting, `CONFIG["energy"]` (``fxopt.passes.lowrank_linear.configure`` sets it). Constants
-either pass creates carry `TAG`, so that neither factors them again.
+one setting each, `LowRankSettings.energy`, given per call (``optimize(...,
+options={"lowrank_linear": {"energy": 0.99}})``). Constants either pass creates carry `TAG`, so
+that neither factors them again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,21 @@ from torch import fx
 # Constants the low-rank passes create carry the tag (so they are not factored twice) and the
 # prefix that `fxopt.calibrate` looks for.
 TAG = "calib_lowrank"
-CONFIG = {"energy": 0.999}
+
+
+@dataclass(frozen=True)
+class LowRankSettings:
+    """A low-rank pass's budget: `energy`, the fraction of sum(s**2) the factors keep, in
+    (0, 1]. The default 0.999 bounds the weight's relative Frobenius error by sqrt(1e-3)."""
+
+    energy: float = 0.999
+
+    def __post_init__(self):
+        if not 0 < self.energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+
+
+DEFAULT = LowRankSettings()
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,6 @@ from torch import nn
 
 import fxopt
 from fxopt.ir.errors import InputError
-from fxopt.passes import linearize_attention as la
-from fxopt.passes import lowrank_linear as lowrank
 from fxopt.pipeline import output_error
 
 
@@ -30,13 +28,14 @@ def batches(count, n=256, seed=0):
 
 
 def linearized(net, x, feature_map="learnable"):
-    old = la.configure(feature_map=feature_map)
-    try:
-        return fxopt.optimize(
-            net, x, passes=["linearize_attention"], approximate=True, verify=False
-        )
-    finally:
-        la.configure(**old)
+    return fxopt.optimize(
+        net,
+        x,
+        passes=["linearize_attention"],
+        approximate=True,
+        verify=False,
+        options={"linearize_attention": {"feature_map": feature_map}},
+    )
 
 
 @pytest.fixture
@@ -67,11 +66,14 @@ def test_calibration_fits_low_rank_factors():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)).eval()
     x = torch.randn(32, 64)
-    old = lowrank.configure(energy=0.6)
-    try:
-        opt = fxopt.optimize(net, x, passes=["lowrank_linear"], approximate=True, verify=False)
-    finally:
-        lowrank.configure(**old)
+    opt = fxopt.optimize(
+        net,
+        x,
+        passes=["lowrank_linear"],
+        approximate=True,
+        verify=False,
+        options={"lowrank_linear": {"energy": 0.6}},
+    )
     summary = fxopt.calibrate(net, opt, x, steps=50, lr=3e-3, progress=False)
     assert summary["inputs"]["after"] < summary["inputs"]["before"]
 
@@ -102,11 +104,13 @@ def test_calibrate_expects_an_optimized_module(net):
 
 def test_optimize_reports_approximate_errors_instead_of_failing(net):
     (x,) = batches(1)
-    old = la.configure(feature_map="elu")
-    try:
-        opt = fxopt.optimize(net, x, passes=["linearize_attention"], approximate=True)
-    finally:
-        la.configure(**old)
+    opt = fxopt.optimize(
+        net,
+        x,
+        passes=["linearize_attention"],
+        approximate=True,
+        options={"linearize_attention": {"feature_map": "elu"}},
+    )
     (record,) = opt.report.passes
     assert record.status == "applied" and record.error["example"]["rel_l2"] > 0
     assert opt.report.final_error == pytest.approx(output_error(net(x), opt(x))["max_abs"])

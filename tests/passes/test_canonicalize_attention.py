@@ -9,7 +9,7 @@ from torch import nn
 
 import fxopt
 from fxopt.ir.graph import is_op
-from fxopt.passes.canonicalize_attention import canonicalize_attention, configured
+from fxopt.passes.canonicalize_attention import AttentionSettings, canonicalize_attention
 from fxopt.testing import apply_pass, count_ops, graph_of
 
 aten = torch.ops.aten
@@ -99,8 +99,10 @@ def test_canonicalize_attention_turns_hand_written_attention_into_sdpa(scale_on,
 
 def test_canonicalize_attention_passes_an_additive_mask_as_attn_mask_when_told_to():
     mask = torch.randn(10, 10)
-    with configured(always=True):
-        result = apply_pass(canonicalize_attention, HandAttention(mask=mask), *qkv(2, 10, 8))
+    always = AttentionSettings(always=True)
+    result = apply_pass(
+        lambda gm: canonicalize_attention(gm, always), HandAttention(mask=mask), *qkv(2, 10, 8)
+    )
     node = sdpa_node(result.graph_module)
     assert node.kwargs["attn_mask"] is not None and node.kwargs["attn_mask"].op == "get_attr"
 

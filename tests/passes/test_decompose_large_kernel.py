@@ -5,8 +5,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.passes import decompose_large_kernel as dlk
-from fxopt.passes.decompose_large_kernel import decompose_large_kernel, project
+from fxopt.passes.decompose_large_kernel import (
+    DecomposeSettings,
+    decompose_large_kernel,
+    project,
+)
 from fxopt.pipeline import output_error, run_passes
 from fxopt.report import Report
 from fxopt.testing import apply_pass, count_ops, graph_of
@@ -117,12 +120,15 @@ def test_decompose_large_kernel_declines(net, x, reason):
 
 
 def test_decompose_large_kernel_declines_over_the_residual_limit():
-    old = dlk.configure(max_residual=0.5)
-    try:
-        result = decompose_large_kernel(graph_of(depthwise(), x_for()))
-    finally:
-        dlk.configure(**old)
+    gm = graph_of(depthwise(), x_for())
+    result = decompose_large_kernel(gm, DecomposeSettings(max_residual=0.5))
     assert not result.modified and "residual" in result.declined["dw-square-bands"][0]
+    assert decompose_large_kernel(gm).modified  # the default limit (1.0) takes it
+
+
+def test_min_kernel_is_a_setting():
+    gm = graph_of(depthwise(), x_for())  # a 31 x 31 kernel
+    assert not decompose_large_kernel(gm, DecomposeSettings(min_kernel=33)).applied
 
 
 def test_dense_and_small_kernels_are_not_matched():

@@ -6,22 +6,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
+from fxopt.ir.errors import InputError
 from fxopt.passes import linearize_attention as la
-from fxopt.passes.linearize_attention import linearize_attention
+from fxopt.passes.linearize_attention import LinearizeSettings, linearize_attention
 from fxopt.pipeline import output_error, run_passes
 from fxopt.report import Report
 from fxopt.testing import assert_equivalent, count_ops, graph_of
 from fxopt.verify import input_sets
 
 aten = torch.ops.aten
-
-
-@pytest.fixture
-def feature_map():
-    """Choose the feature map for one test, restoring the settings afterwards."""
-    old = dict(la.CONFIG)
-    yield lambda name, **more: la.configure(feature_map=name, **more)
-    la.configure(**old)
 
 
 class Attention(nn.Module):
@@ -60,10 +53,9 @@ def tokens(n=256, channels=96, batch=2, seed=0):
 
 
 @pytest.mark.parametrize("name", la.FEATURE_MAPS)
-def test_linearize_attention_removes_sdpa_and_computes_linear_attention(name, feature_map):
-    feature_map(name)
+def test_linearize_attention_removes_sdpa_and_computes_linear_attention(name):
     net, x = Attention(heads=2).eval(), tokens()
-    result = linearize_attention(graph_of(net, x))
+    result = linearize_attention(graph_of(net, x), LinearizeSettings(feature_map=name))
     gm = result.graph_module
     assert result.applied == {"sdpa-linear": 1} and result.summary["feature map"] == name
     assert count_ops(gm, aten.scaled_dot_product_attention) == 0
@@ -102,12 +94,8 @@ def test_the_zoo_vit_is_too_short_for_linear_attention():
     seed=st.integers(0, 2**16),
 )
 def test_linearize_attention_matches_the_formula(heads, head_dim, n, name, seed):
-    old = la.configure(feature_map=name)
-    try:
-        net, x = Attention(heads).eval(), tokens(n, 3 * heads * head_dim, seed=seed)
-        result = linearize_attention(graph_of(net, x))
-    finally:
-        la.configure(**old)
+    net, x = Attention(heads).eval(), tokens(n, 3 * heads * head_dim, seed=seed)
+    result = linearize_attention(graph_of(net, x), LinearizeSettings(feature_map=name))
     assert result.modified
     assert_equivalent(lambda x: reference(x, heads, PHI[name]), result.graph_module, (x,), 1e-4)
 
@@ -142,6 +130,14 @@ def test_linearize_attention_declines(net, x, reason):
     assert reason in result.declined["sdpa-linear"][0]
 
 
-def test_configure_rejects_an_unknown_feature_map():
-    with pytest.raises(ValueError, match="feature_map"):
-        la.configure(feature_map="softmax")
+def test_options_reject_an_unknown_feature_map():
+    with pytest.raises(ValueError, match="feature_map must be one of"):
+        LinearizeSettings(feature_map="softmax")
+    with pytest.raises(InputError, match="linearize_attention.*feature_map must be one of"):
+        fxopt.optimize(
+            Attention().eval(),
+            tokens(),
+            passes=["linearize_attention"],
+            approximate=True,
+            options={"linearize_attention": {"feature_map": "softmax"}},
+        )

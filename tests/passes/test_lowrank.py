@@ -5,9 +5,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.analysis.lowrank import truncate
+from fxopt.analysis.lowrank import LowRankSettings, truncate
 from fxopt.ir.errors import InputError
-from fxopt.passes import lowrank_linear as lowrank
 from fxopt.passes.lowrank_conv import lowrank_conv
 from fxopt.passes.lowrank_linear import lowrank_linear
 from fxopt.pipeline import output_error, run_passes
@@ -17,14 +16,6 @@ from fxopt.verify import input_sets
 
 aten = torch.ops.aten
 APPROXIMATE = ("lowrank_linear", "lowrank_conv", "decompose_large_kernel", "linearize_attention")
-
-
-@pytest.fixture
-def energy():
-    """Set the low-rank budget for one test, restoring the default afterwards."""
-    old = dict(lowrank.CONFIG)
-    yield lambda value: lowrank.configure(energy=value)
-    lowrank.configure(**old)
 
 
 def low_rank(out_features, in_features, rank, seed=0):
@@ -78,27 +69,27 @@ def test_truncate_keeps_the_smallest_rank_with_the_energy():
         assert f.left.shape == (40, f.rank) and f.right.shape == (f.rank, 30)
 
 
-def test_lowrank_error_decreases_as_the_energy_budget_grows(energy):
+def test_lowrank_error_decreases_as_the_energy_budget_grows():
     torch.manual_seed(0)
     net, x = nn.Sequential(nn.Linear(96, 96)).eval(), torch.randn(8, 96)
     errors, ranks = [], []
     for value in (0.3, 0.6, 0.8):
-        energy(value)
-        result = lowrank_linear(graph_of(net, x))
+        result = lowrank_linear(graph_of(net, x), LowRankSettings(energy=value))
         ranks.append(int(result.summary["rank kept"].split("/")[0]))
         errors.append(output_error(net(x), result.graph_module(x))["rel_l2"])
     assert ranks == sorted(ranks) and len(set(ranks)) == 3
     assert errors[0] > errors[1] > errors[2] > 0
 
 
-def test_reported_error_is_the_measured_error_on_a_zoo_model(energy):
-    energy(0.9)  # random weights have flat spectra: 0.9 still factors 12 of the 17 linears
+def test_reported_error_is_the_measured_error_on_a_zoo_model():
+    budget = {"lowrank_linear": LowRankSettings(energy=0.9)}  # random weights have flat
+    # spectra: 0.9 still factors 12 of the 17 linears
     model = fxopt.models.create("vit_bn_like").eval()
     (x,) = fxopt.models.example_inputs("vit_bn_like", batch=2)
     gm, report = graph_of(model, x), Report("vit", "eager")
     original = graph_of(model, x)
     sets = input_sets((x,), n_random=2)
-    gm = run_passes(gm, ["lowrank_linear"], sets, report)
+    gm = run_passes(gm, ["lowrank_linear"], sets, report, settings=budget)
     (record,) = report.passes
     assert record.status == "applied" and not record.exact and record.applied["linear-lowrank"] > 0
     measured = output_error(original(x), gm(x))
@@ -109,12 +100,18 @@ def test_reported_error_is_the_measured_error_on_a_zoo_model(energy):
     assert report.to_dict()["passes"][0]["error"] == record.error
 
 
-def test_an_approximate_pass_above_the_error_limit_is_rolled_back(energy):
-    energy(0.3)
+def test_an_approximate_pass_above_the_error_limit_is_rolled_back():
     torch.manual_seed(0)
     net, x = nn.Sequential(nn.Linear(64, 64)).eval(), torch.randn(4, 64)
-    report = Report("net", "eager")
-    gm = run_passes(graph_of(net, x), ["lowrank_linear"], [(x,)], report, approximate_max_error=0.1)
+    report, budget = Report("net", "eager"), {"lowrank_linear": LowRankSettings(energy=0.3)}
+    gm = run_passes(
+        graph_of(net, x),
+        ["lowrank_linear"],
+        [(x,)],
+        report,
+        approximate_max_error=0.1,
+        settings=budget,
+    )
     assert report.passes[0].status == "rolled back"
     assert "approximate-pass limit" in report.passes[0].message
     assert count_ops(gm, aten.linear) == 1
@@ -208,8 +205,51 @@ def test_approximate_true_alone_runs_only_the_exact_default_pipeline():
     assert ran == set(fxopt.DEFAULT_PIPELINE) and not ran & set(APPROXIMATE)
 
 
-def test_configure_rejects_unknown_settings_and_bad_budgets():
-    with pytest.raises(TypeError, match="rank"):
-        lowrank.configure(rank=3)
-    with pytest.raises(ValueError, match="energy"):
-        lowrank.configure(energy=1.5)
+def test_options_reject_unknown_settings_and_bad_budgets():
+    def run(**options):
+        return fxopt.optimize(
+            mlp(), torch.randn(2, 64), passes=["lowrank_linear"], approximate=True, **options
+        )
+
+    with pytest.raises(InputError, match="no setting 'rank'.*energy"):
+        run(options={"lowrank_linear": {"rank": 3}})
+    with pytest.raises(InputError, match=r"energy must be in \(0, 1\], got 1.5"):
+        run(options={"lowrank_linear": {"energy": 1.5}})
+    with pytest.raises(InputError, match="'lowrank_conv', which this call does not run"):
+        run(options={"lowrank_conv": {"energy": 0.5}})
+    with pytest.raises(InputError, match="unknown pass 'lowrank'"):
+        run(options={"lowrank": {"energy": 0.5}})
+    with pytest.raises(InputError, match="'fold_conv_bn' has no settings"):
+        fxopt.optimize(mlp(), torch.randn(2, 64), options={"fold_conv_bn": {"x": 1}})
+    with pytest.raises(InputError, match="a dict from pass name"):
+        run(options=[("lowrank_linear", {"energy": 0.5})])
+    with pytest.raises(InputError, match="approximate_max_error must be a number above 0"):
+        run(approximate_max_error=0)
+
+
+def test_settings_are_per_call_and_leave_the_next_call_at_the_defaults():
+    net, x = mlp(rank=4), torch.randn(8, 64)  # the first linear has rank 4
+
+    def ranks(**options):
+        opt = fxopt.optimize(net, x, passes=["lowrank_linear"], approximate=True, **options)
+        return opt.report.passes[0].summary["rank kept"]
+
+    default = ranks()
+    assert ranks(options={"lowrank_linear": {"energy": 0.3}}) != default
+    assert ranks(options={"lowrank_linear": LowRankSettings(energy=0.3)}) != default
+    assert ranks() == default  # nothing of the last call stayed behind
+
+
+def test_the_error_limit_is_per_call():
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(64, 64)).eval(), torch.randn(4, 64)
+    budget = {"lowrank_linear": {"energy": 0.3}}
+
+    def status(**limit):
+        opt = fxopt.optimize(
+            net, x, passes=["lowrank_linear"], approximate=True, options=budget, **limit
+        )
+        return opt.report.passes[0].status
+
+    assert status(approximate_max_error=0.1) == "rolled back"
+    assert status() == "applied"  # the default limit (1.0) keeps it

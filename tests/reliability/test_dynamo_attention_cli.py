@@ -19,7 +19,7 @@ from torch import nn
 import fxopt
 from fxopt import dynamo
 from fxopt.ir.graph import is_op
-from fxopt.passes.canonicalize_attention import canonicalize_attention, configured
+from fxopt.passes.canonicalize_attention import AttentionSettings, canonicalize_attention
 from fxopt.report import Report
 from fxopt.testing import count_ops, graph_of
 
@@ -154,8 +154,8 @@ def qkv(*shape):
 def rewritten(model, *inputs, dynamic_batch=False):
     """The pass's result on `model`, checked against eager on `inputs` (NaN where eager has it);
     float masks are rewritten too (``always``: the pass declines them on CPU by default)."""
-    with configured(always=True):
-        result = canonicalize_attention(graph_of(model, *inputs, dynamic_batch=dynamic_batch))
+    gm = graph_of(model, *inputs, dynamic_batch=dynamic_batch)
+    result = canonicalize_attention(gm, AttentionSettings(always=True))
     torch.testing.assert_close(result.graph_module(*inputs), model(*inputs), equal_nan=True)
     return result
 
