@@ -8,6 +8,7 @@ first op reads it: the first shape in `_SHAPES` that the op accepts.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import itertools
 from collections.abc import Callable, Mapping
@@ -129,7 +130,7 @@ def infer_examples(fn: Callable, run: Callable, names: tuple, given: dict) -> di
     if not unknown:
         return dict(given)
     search = _ShapeSearch({n: torch.empty(0).as_subclass(_Unshaped) for n in unknown})
-    _SEARCH.append(search)
+    token = _SEARCH.set(search)
     try:
         run({**given, **search.placeholders})
     except _NoShape as error:
@@ -140,7 +141,7 @@ def infer_examples(fn: Callable, run: Callable, names: tuple, given: dict) -> di
     except Exception as error:
         raise InputError(f"could not run {fn.__name__}: {first_line(error)}") from error
     finally:
-        _SEARCH.pop()
+        _SEARCH.reset(token)
     return {**given, **{n: search.example(p) for n, p in search.placeholders.items()}}
 
 
@@ -153,10 +154,10 @@ class _Unshaped(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        return _SEARCH[-1].call(func, args, kwargs or {})
+        return _SEARCH.get().call(func, args, kwargs or {})
 
 
-_SEARCH: list[_ShapeSearch] = []
+_SEARCH: contextvars.ContextVar = contextvars.ContextVar("fxopt_shape_search")  # this thread's
 
 
 class _ShapeSearch:
