@@ -6,7 +6,10 @@ lookups. On a small model at batch 1 that costs about a tenth of the run time. f
 checks with its own (`InputSpec`: the model's signature, then a shape-and-dtype check per tensor
 and an equality check per other argument, which the graph was specialized to) and reads each
 weight from a flat attribute. An output that shares memory with an input, a weight or another
-output where the model's did not (a pass removed a `clone`) gets a copy of its own.
+output where the model's did not (a pass removed a `clone`) gets a copy of its own. An
+activation whose input is a fresh temporary that nothing else reads (a conv's output) writes
+its result into that input, as eager models do with `ReLU(inplace=True)`: one tensor less to
+allocate and stream through the cache (mobileone_s0 at one thread: about 6% of its run time).
 """
 
 from __future__ import annotations
@@ -246,6 +249,50 @@ _DIRECT = (
 ).split()
 
 
+# Elementwise activations (ATen overload -> the in-place function taking the same arguments)
+# that `finalize` runs in place on a temporary, and the ops whose output such a temporary may
+# be: each returns memory of its own and saves no output for autograd.
+_IN_PLACE = {
+    "relu.default": torch.relu_,
+    "sigmoid.default": torch.sigmoid_,
+    "tanh.default": torch.tanh_,
+    "hardtanh.default": torch._C._nn.hardtanh_,
+    "hardswish.default": torch._C._nn.hardswish_,
+    "hardsigmoid.default": torch._C._nn.hardsigmoid_,
+    "silu.default": torch._C._nn.silu_,
+    "gelu.default": torch._C._nn.gelu_,
+    "leaky_relu.default": torch._C._nn.leaky_relu_,
+}
+_FRESH = (
+    "conv1d.default conv2d.default conv3d.default convolution.default linear.default "
+    "addmm.default mm.default bmm.default matmul.default add.Tensor sub.Tensor mul.Tensor "
+    "layer_norm.default"
+).split()
+
+
+def _overloads(names) -> list:
+    found = []
+    for name in names:
+        packet, overload = name.split(".")
+        found.append(getattr(getattr(torch.ops.aten, packet), overload))
+    return found
+
+
+def in_place_activations(gm: fx.GraphModule) -> int:
+    """Run each activation in `_IN_PLACE` in place where its input comes from an op in `_FRESH`
+    and nothing else reads that input; returns how many. For a graph that only runs: the
+    targets are no longer ATen overloads."""
+    in_place = dict(zip(_overloads(_IN_PLACE), _IN_PLACE.values(), strict=True))
+    fresh = set(_overloads(_FRESH))
+    count = 0
+    for node in gm.graph.nodes:
+        source = node.args[0] if node.target in in_place and node.args else None
+        if isinstance(source, fx.Node) and source.target in fresh and list(source.users) == [node]:
+            node.target = in_place[node.target]
+            count += 1
+    return count
+
+
 def _direct_functions() -> dict:
     table = {}
     for name in _DIRECT:
@@ -257,14 +304,16 @@ def _direct_functions() -> dict:
 
 
 def finalize(gm: fx.GraphModule, aliases: tuple | None = None) -> fx.GraphModule:
-    """Drop export's per-call guards, flatten weight lookups and call common ops directly, in
-    place; with `aliases` (`output_aliases` of the captured graph), copy each output that
-    shares memory where the model's did not. The result is for running: passes and op counts
+    """Drop export's per-call guards, flatten weight lookups, call common ops directly and run
+    activations in place on temporaries (`in_place_activations`), in place; with `aliases`
+    (`output_aliases` of the captured graph), copy each output that shares memory where the
+    model's did not. The result is for running: passes and op counts
     expect ATen targets, so keep the graph it came from for reading. The caller verifies the
     result (and checks its inputs: `InputSpec`)."""
     gm._forward_pre_hooks.clear()
     if aliases is not None:
         copy_aliased_outputs(gm, aliases)
+    in_place_activations(gm)
     direct = _direct_functions()
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
