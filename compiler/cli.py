@@ -21,6 +21,7 @@ from . import models as zoo
 from .api import BACKENDS, optimize
 from .bench import REPEATS, WARMUP, bench, format_rows
 from .ir.errors import FxoptError, InputError
+from .plot import plot, require_matplotlib
 from .progress import table
 from .rules.registry import defaults, list_passes
 from .tune import tune
@@ -251,6 +252,13 @@ def _add_bench(commands) -> None:
         "--warmup", type=int, default=WARMUP, help=f"warm-up calls per candidate (default {WARMUP})"
     )
     timing.add_argument("--json", metavar="FILE", type=Path, help="also write the rows as JSON")
+    timing.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=Path,
+        help="also draw the speed-ups per model and candidate (needs matplotlib: "
+        "pip install 'fxopt[plot]')",
+    )
     timing.set_defaults(command=_bench)
 
 
@@ -300,6 +308,9 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     _check_writable(args.json)
+    if args.plot is not None:  # before minutes of timing, not after
+        require_matplotlib()
+        _check_writable(args.plot, "--plot")
     rows = bench(
         _split(args.models),
         _split(args.backends),
@@ -314,6 +325,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_rows(rows))
     if args.json:
         _write_json(args.json, {"torch": torch.__version__, "rows": [asdict(r) for r in rows]})
+    if args.plot is not None:
+        print(f"speed-ups drawn in {plot(rows, args.plot)}")
     return 0
 
 
@@ -445,16 +458,18 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _check_writable(path: Path | None) -> None:
+def _check_writable(path: Path | None, option: str = "--json") -> None:
     if path is None:
         return
     parent = path.parent
     if path.is_dir():
-        raise InputError(f"--json {path} is a directory; give a file name")
+        raise InputError(f"{option} {path} is a directory; give a file name")
     if not parent.is_dir():
-        raise InputError(f"--json {path}: no directory {parent}; create it or choose another path")
+        raise InputError(
+            f"{option} {path}: no directory {parent}; create it or choose another path"
+        )
     if not os.access(path if path.exists() else parent, os.W_OK):
-        raise InputError(f"--json {path}: permission denied; choose a path you can write")
+        raise InputError(f"{option} {path}: permission denied; choose a path you can write")
 
 
 def _write_json(path: Path, data: object) -> None:

@@ -116,10 +116,14 @@ def test_cli_bench_prints_the_table_and_writes_json(capsys, tmp_path):
         "1",
         "--json",
         str(path),
+        "--plot",
+        str(tmp_path / "bench.png"),
     ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "speed-up" in captured.out and "optimized" in captured.out
+    assert f"speed-ups drawn in {tmp_path / 'bench.png'}" in captured.out
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert f"{MODEL} [optimized] build" in captured.err  # progress, plain lines off a terminal
     data = json.loads(path.read_text())
     assert {r["threads"] for r in data["rows"]} == {1}
@@ -152,3 +156,35 @@ def test_bench_rejects_bad_settings_with_a_clear_message(options, message):
 def test_bench_on_cuda_without_a_gpu_says_so():
     with pytest.raises(InputError, match="needs a CUDA GPU"):
         bench("espcn", ["eager"], repeats=1, progress=False, device="cuda")
+
+
+def test_plot_draws_a_bar_per_model_and_candidate_with_its_speedup(tmp_path):
+    from matplotlib import image
+
+    from fxopt.bench import Row
+    from fxopt.plot import plot, speedups
+
+    rows = [
+        Row("timm:a", "eager", 2.0, speedup=1.0),
+        Row("timm:a", "optimized", 1.0, speedup=2.0),
+        Row("timm:a", "tvm", None, note="build failed"),
+        Row("zoo_b", "eager", 3.0, speedup=1.0),
+        Row("zoo_b", "optimized", 2.0, speedup=1.5),
+        Row("zoo_b", "tvm", 1.0, speedup=3.0),
+    ]
+    models, table = speedups(rows)
+    assert models == ["timm:a", "zoo_b"] and list(table) == ["optimized", "tvm"]
+    assert table["optimized"] == [2.0, 1.5] and table["tvm"][1] == 3.0
+    assert table["tvm"][0] != table["tvm"][0]  # NaN: no time for that model
+    path = plot(rows, tmp_path / "speedups.png")
+    height, width, _ = image.imread(path).shape
+    assert width > 600 and height > 400
+
+
+def test_cli_bench_plot_checks_matplotlib_and_the_path_before_timing(tmp_path, capsys, monkeypatch):
+    argv = ["bench", "--models", MODEL, "--backends", "optimized", "--plot"]
+    assert main([*argv, str(tmp_path / "missing" / "x.png")]) == 2
+    assert "--plot" in capsys.readouterr().err
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert main([*argv, str(tmp_path / "x.png")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
