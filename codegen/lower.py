@@ -21,7 +21,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..ir.errors import BuildError, UnsupportedError
+from ..ir.errors import BuildError, UnsupportedError, first_line
 from ..ir.export import batch_size
 from . import blocks, schedules
 from . import tvm_api as tv
@@ -103,7 +103,7 @@ def build(
         executable = tv.compile_module(mod, tvm_target)
     except Exception as error:
         raise BuildError(
-            f"tvm.compile failed for target {tvm_target.kind.name}: {_first_line(error)}; "
+            f"tvm.compile failed for target {tvm_target.kind.name}: {first_line(error)}; "
             "try target='llvm' or optimize with backend='eager'"
         ) from error
     return Built(executable, tvm_target, metadata, dynamic, time.perf_counter() - start, notes)
@@ -119,13 +119,13 @@ def export(gm, inputs: tuple, dynamic_batch: bool):
             try:
                 return _export_dynamic(gm, inputs), True, notes
             except Exception as error:  # export reports specialization in many error types
-                notes.append(f"static batch: the graph fixes the batch size ({_first_line(error)})")
+                notes.append(f"static batch: the graph fixes the batch size ({first_line(error)})")
     try:
         return torch.export.export(gm, inputs, strict=False), False, notes
     except Exception as error:
         raise BuildError(
             f"torch.export could not re-capture the optimized graph for TVM: "
-            f"{_first_line(error)}; optimize with backend='eager' instead"
+            f"{first_line(error)}; optimize with backend='eager' instead"
         ) from error
 
 
@@ -148,7 +148,7 @@ def import_program(exported):
         ops = unsupported_ops(exported.graph_module)
         where = f" (ops TVM cannot convert: {', '.join(sorted(ops))})" if ops else ""
         raise UnsupportedError(
-            f"TVM's torch frontend could not import the graph{where}: {_first_line(error)}; "
+            f"TVM's torch frontend could not import the graph{where}: {first_line(error)}; "
             "fxopt.optimize(..., backend='tvm') keeps such ops in PyTorch"
         ) from error
 
@@ -238,7 +238,7 @@ def lower(mod, target, database=None, notes: list | None = None):
             mod = tv.run_passes(mod, [tv.gpu_default_schedule()], target)
     except Exception as error:
         raise BuildError(
-            f"lowering for target {target.kind.name} failed: {_first_line(error)}; "
+            f"lowering for target {target.kind.name} failed: {first_line(error)}; "
             "try target='llvm' or optimize with backend='eager'"
         ) from error
     return mod
@@ -289,8 +289,3 @@ def _attach_metadata(mod, metadata: dict):
     with builder.function(METADATA_FUNCTION, []):
         builder.emit_func_output(relax.expr.String(json.dumps(metadata)))
     return builder.get()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -33,9 +33,9 @@ from torch import fx
 from .api import optimize
 from .codegen import blocks, schedules
 from .codegen import tvm_api as tv
-from .codegen.lower import _first_line, export, import_program
+from .codegen.lower import export, import_program
 from .codegen.tuning_db import save_records
-from .ir.errors import InputError, UnsupportedError
+from .ir.errors import InputError, UnsupportedError, first_line
 from .ir.export import batch_size
 from .pipeline import DEFAULT_PIPELINE
 from .progress import Progress, table
@@ -370,7 +370,7 @@ def _in_process_builder_and_runner(ms, target):
                     built[name] = default_build(item.mod, item.target, None)
                     results.append(ms.builder.BuilderResult(name, None))
                 except Exception as error:  # noqa: BLE001 - a failed candidate is a result
-                    results.append(ms.builder.BuilderResult(None, _first_line(error)))
+                    results.append(ms.builder.BuilderResult(None, first_line(error)))
             return results
 
     @derived_object
@@ -386,7 +386,7 @@ def _in_process_builder_and_runner(ms, target):
                     costs = run_evaluator_common(module, device, config, args)
                     futures.append(LocalRunnerFuture(res=costs))
                 except Exception as error:  # noqa: BLE001 - a failed candidate is a result
-                    futures.append(LocalRunnerFuture(error_message=_first_line(error)))
+                    futures.append(LocalRunnerFuture(error_message=first_line(error)))
             return futures
 
     return InProcessBuilder(), InProcessRunner()
