@@ -22,7 +22,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ..ir.errors import BuildError, UnsupportedError, first_line
-from ..ir.export import batch_size
+from ..ir.export import as_tuple, batch_size
 from . import blocks, schedules
 from . import tvm_api as tv
 from .runtime import METADATA_FUNCTION
@@ -85,9 +85,7 @@ def build(
         The executable, its target and the call metadata (see `TVMModule`).
     """
     start = time.perf_counter()
-    inputs = (
-        tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    )
+    inputs = as_tuple(example_inputs)
     tvm_target = tv.make_target(target)
     if database is None:
         database = _TUNING_DATABASE[0]

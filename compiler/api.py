@@ -19,7 +19,7 @@ from .codegen.tvm_api import check_target
 from .dynamo import optimize_with_dynamo
 from .finalize import OptimizedModule, finalize, input_spec, output_aliases
 from .ir.errors import CaptureError, InputError, VerificationError
-from .ir.export import batch_size
+from .ir.export import as_tuple, batch_size
 from .ir.graph import snapshot
 from .pipeline import final_error, optimize_graph, resolve
 from .precision import Float64Reference
@@ -184,8 +184,7 @@ def _example_tuple(example_inputs) -> tuple:
             "example_inputs is None; pass the model's arguments: a tensor, or a tuple as in "
             "model(*example_inputs) (an empty tuple for a model that takes none)"
         )
-    inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    return tuple(inputs)
+    return as_tuple(example_inputs)
 
 
 def _check_signature(model: nn.Module, inputs: tuple) -> None:

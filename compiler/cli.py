@@ -20,6 +20,7 @@ from . import models as zoo
 from .api import BACKENDS, optimize
 from .bench import REPEATS, WARMUP, bench, format_rows
 from .ir.errors import FxoptError, InputError
+from .ir.export import as_tuple
 from .progress import table
 from .rules.registry import list_passes
 from .tune import tune
@@ -380,7 +381,7 @@ def _run_file(path: Path) -> dict:
 
 def _check_runs(path: Path, model: nn.Module, inputs) -> None:
     """Call the model once, so that inputs it rejects are named here, not deep in capture."""
-    args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    args = as_tuple(inputs)
     training = model.training
     try:
         with torch.no_grad():

@@ -13,7 +13,7 @@ from .codegen.artifact import Artifact
 from .codegen.artifact import load as load_artifact
 from .codegen.lower import build, tuning_database
 from .ir.errors import UnsupportedError
-from .ir.export import batch_size
+from .ir.export import as_tuple, batch_size
 from .pipeline import DEFAULT_PIPELINE
 from .verify import check, input_sets
 
@@ -46,9 +46,7 @@ def compile_model(model, example_inputs, target="llvm", dynamic_batch: bool = Tr
     """`fxopt.compile`: optimize (default pipeline and `fuse_blocks`, verified), build with TVM,
     and check the build against the optimized graph when the target's device is here."""
     tv.make_target(target)  # a bad target fails before the optimization, not after
-    inputs = (
-        tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    )
+    inputs = as_tuple(example_inputs)
     passes = [*DEFAULT_PIPELINE, "fuse_blocks"]  # as optimize(backend="tvm") runs them
     optimized = optimize(model, inputs, passes=passes, dynamic_batch=dynamic_batch)
     report = optimized.report

@@ -36,7 +36,7 @@ from .codegen import tvm_api as tv
 from .codegen.lower import export, import_program
 from .codegen.tuning_db import save_records
 from .ir.errors import InputError, UnsupportedError, first_line
-from .ir.export import batch_size
+from .ir.export import as_tuple, batch_size
 from .pipeline import DEFAULT_PIPELINE
 from .progress import Progress, table
 
@@ -147,9 +147,7 @@ def tune(
     if trials < 1:
         raise InputError(f"trials must be at least 1, got {trials}")
     start = time.perf_counter()
-    inputs = (
-        tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    )
+    inputs = as_tuple(example_inputs)
     tvm_target = tv.make_target(target)
     _check_can_measure(tvm_target)
     notes = []

@@ -18,6 +18,7 @@ import importlib
 
 from .. import verify  # not `from ..verify import check`: the submodule `check` would shadow it
 from ..capture import capture
+from ..ir.export import as_tuple
 from ..ir.graph import clean, is_op
 from ..precision import float64_copy, float64_inputs, judge
 
@@ -33,7 +34,7 @@ def assert_equivalent(
     `fxopt.precision`): both run again in float64 (an OptimizedModule as its ``graph_module``),
     and the candidate passes when it agrees with the reference there and is no further from the
     float64 result in float32 than the reference is, each within the same bound."""
-    inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    inputs = as_tuple(inputs)
     sets = verify.input_sets(inputs, n_random)
     try:
         return verify.check(reference, candidate, sets, rtol, atol)
