@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.analysis.channel_math import concat_biases, conv_cost, depthwise_weight
-from fxopt.analysis.cost import call_overhead, hinted, node_roofline, roofline
+from fxopt.analysis.channel_math import concat_biases, depthwise_weight
+from fxopt.analysis.cost import call_overhead, conv_cost, hinted, node_roofline, roofline
 from fxopt.analysis.kernels import dilate
 from fxopt.ir.graph import (
     add_constant,

@@ -40,8 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.analysis.channel_math import conv_cost
-from fxopt.analysis.cost import Cost, call_overhead, hinted, node_roofline, roofline
+from fxopt.analysis.cost import Cost, call_overhead, conv_cost, hinted, node_roofline, roofline
 from fxopt.analysis.kernels import dilate
 from fxopt.ir.graph import add_constant, call, constant, mutated_nodes, owns_weights, val
 from fxopt.ir.ops import Conv, conv

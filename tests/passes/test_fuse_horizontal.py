@@ -6,8 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.analysis.channel_math import linear_cost
-from fxopt.analysis.cost import static_cost
+from fxopt.analysis.cost import linear_cost, static_cost
 from fxopt.passes.fuse_horizontal import fuse_horizontal
 from fxopt.testing import apply_pass, count_ops, graph_of
 

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.analysis.channel_math import concat_biases, conv_cost, depthwise_weight
-from fxopt.analysis.cost import Cost, roofline, static_cost
+from fxopt.analysis.channel_math import concat_biases, depthwise_weight
+from fxopt.analysis.cost import Cost, conv_cost, roofline, static_cost
 from fxopt.ir.graph import is_op
 from fxopt.passes.merge_channel_branches import merge_channel_branches
 from fxopt.testing import apply_pass, count_ops, graph_of
