@@ -37,9 +37,7 @@ from fxopt.analysis.preconditions import (
     add_of_values,
     add_operands,
     can_skip_padding,
-    owns_constants,
     same_shape,
-    written_in_place,
 )
 from fxopt.analysis.sequential_math import (
     Bias,
@@ -54,7 +52,9 @@ from fxopt.ir.graph import (
     call,
     constant,
     is_op,
+    owns_weights,
     val,
+    written_in_place,
 )
 from fxopt.ir.ops import CONVS, Conv, conv
 from fxopt.rules.registry import register_pass
@@ -89,7 +89,7 @@ def conv_pair(gm: fx.GraphModule, match: Match, pointwise_second: bool) -> ConvP
         return decline("a conv is transposed")
     if len(match[0].users) != 1:
         return decline("the first conv's output has another user")
-    if not owns_constants(gm, first.weight, first.bias, second.weight, second.bias):
+    if not all(owns_weights(gm, c.weight, c.bias) for c in (first, second)):
         return decline("a weight or bias is not a constant or is shared")
     w1, w2 = constant(gm, first.weight), constant(gm, second.weight)
     if w1.dtype != w2.dtype:
@@ -185,7 +185,7 @@ def can_merge_linears(match: Match) -> bool:
 
 def is_owned_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A linear whose 2-D weight and bias are constants it alone reads."""
-    if not is_op(node, *LINEAR) or not owns_constants(gm, node.args[1], arg(node, 2, "bias")):
+    if not is_op(node, *LINEAR) or not owns_weights(gm, node.args[1], arg(node, 2, "bias")):
         return False
     return constant(gm, node.args[1]).dim() == 2
 
