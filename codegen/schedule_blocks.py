@@ -36,12 +36,7 @@ def schedule(mod, target):
         schedule_target(sch, tuple(int(t) for t in tile))
         func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         scheduled[gvar] = func.with_attr(SCHEDULED_ATTR, target.kind.name)
-    if not scheduled:
-        return mod
-    mod = mod.clone()
-    for gvar, func in scheduled.items():
-        mod.update_func(gvar, func)
-    return mod
+    return tv.with_functions(mod, scheduled)
 
 
 def _has(sch, name: str) -> bool:
