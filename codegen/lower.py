@@ -1,9 +1,9 @@
 """Lower an optimized ATen graph to a TVM executable.
 
 GraphModule -> torch.export (batch symbolic where the graph allows) -> Relax (weights bound as
-constants, fused-block converters from `fxopt.codegen.blocks`) -> LegalizeOps, AnnotateTIROpPattern,
-FoldConstant, FuseOps, FuseTIR -> fxopt's schedules -> dlight's GPU rules (GPU targets) ->
-`tvm.compile` -> a Relax VM executable.
+constants, fused-block converters from `fxopt.codegen.block_converters`) -> LegalizeOps,
+AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR -> fxopt's schedules -> dlight's GPU rules
+(GPU targets) -> `tvm.compile` -> a Relax VM executable.
 
 The executable also holds a function `fxopt_metadata` returning JSON (input dtypes and shapes,
 output pytree spec, target), so an exported library describes its own call signature.
@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from ..ir.errors import BuildError, UnsupportedError, first_line
 from ..ir.export import as_tuple, batch_size
-from . import blocks, schedules
+from . import block_converters, schedules
 from . import tvm_api as tv
 from .runtime import METADATA_FUNCTION
 from .tuning_db import apply_database, check_database
@@ -156,7 +156,7 @@ def converters() -> dict:
     return {
         "convolution.default": _convert_convolution,
         "slice.Tensor": _convert_slice,
-        **blocks.CONVERTERS,
+        **block_converters.CONVERTERS,
     }
 
 
@@ -230,7 +230,8 @@ def lower(mod, target, database=None, notes: list | None = None):
                 which = f" ({', '.join(tuned)})" if tuned else ""
                 notes.append(f"tuning database {database}: {len(tuned)} tuned functions{which}")
         with target:
-            mod = blocks.schedule(mod, target)  # fused blocks first; they are marked scheduled
+            # fused blocks first; they are marked scheduled
+            mod = block_converters.schedule(mod, target)
             mod = schedules.apply(mod, target)
         if tv.is_gpu(target):
             mod = tv.run_passes(mod, [tv.gpu_default_schedule()], target)

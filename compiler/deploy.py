@@ -15,7 +15,7 @@ from .codegen.lower import build, tuning_database
 from .ir.errors import UnsupportedError
 from .ir.export import as_tuple, batch_size
 from .pipeline import DEFAULT_PIPELINE
-from .verify import check, input_sets
+from .verify import check_equivalent, input_sets
 
 
 def compile(model, example_inputs, target="llvm", dynamic_batch=True, tuning_db=None):  # noqa: A001  (DESIGN.md)
@@ -62,7 +62,7 @@ def compile_model(model, example_inputs, target="llvm", dynamic_batch: bool = Tr
     if built.target.kind.name == "llvm":
         other = _other_batch(inputs) if built.dynamic_batch else None
         sets = input_sets(inputs, n_random=1, other_batch=other)
-        report.final_error = check(optimized, artifact.module, sets)
+        report.final_error = check_equivalent(optimized, artifact.module, sets)
     else:
         report.notes.append(f"tvm: built for {built.target.kind.name}; not run here (no device)")
     return artifact

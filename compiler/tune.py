@@ -31,7 +31,7 @@ from pathlib import Path
 from torch import fx
 
 from .api import optimize
-from .codegen import blocks, schedules
+from .codegen import block_converters, schedules
 from .codegen import tvm_api as tv
 from .codegen.lower import export, import_program
 from .codegen.tuning_db import save_records
@@ -262,7 +262,7 @@ def _fxopt_seconds(ms, workload, target) -> float | None:
 
     try:
         with target:
-            mod = schedules.apply(blocks.schedule(workload, target), target)
+            mod = schedules.apply(block_converters.schedule(workload, target), target)
         if tv.is_gpu(target):
             mod = tv.run_passes(mod, [tv.gpu_default_schedule()], target)
         module = default_build(mod, target, None)

@@ -21,7 +21,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils import _pytree as pytree
 
-from ..ir import blocks
+from ..ir import block_ops
 from ..ir.graph import constant, constants, is_op
 
 aten = torch.ops.aten
@@ -126,8 +126,8 @@ def node_flops(node: fx.Node, values: dict) -> int:
         q, k, v = args[:3]
         pairs = math.prod(q.shape[:-1]) * k.shape[-2]
         return 2 * pairs * (q.shape[-1] + v.shape[-1])
-    if node.target in blocks.BLOCK_OPS:  # fused by `fuse_blocks`: count the convs inside
-        return blocks.block_flops(node.target is blocks.PW_DW_PW_BLOCK, args, out)
+    if node.target in block_ops.BLOCK_OPS:  # fused by `fuse_blocks`: count the convs inside
+        return block_ops.block_flops(node.target is block_ops.PW_DW_PW_BLOCK, args, out)
     if is_op(node, aten.batch_norm, aten._native_batch_norm_legit_no_training):
         return 2 * out.numel()
     if is_op(node, aten.layer_norm, aten.group_norm, aten.softmax, aten._softmax):

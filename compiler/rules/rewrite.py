@@ -54,8 +54,8 @@ from ..ir.graph import (
     unchanged,
     val,
 )
-from .pattern import Pattern
 from .pattern_trace import Traced, trace_replacement
+from .patterns import Pattern
 
 PatternSpec = Pattern | Sequence[Any] | Callable[[fx.Node], "Sequence[fx.Node] | None"]
 
