@@ -3,8 +3,8 @@
 opt = fxopt.optimize(model, example_inputs)
 print(opt.report)
 
-The package is built in layers; each imports only from the layers below it (DESIGN.md section 4,
-checked by tests/test_layers.py):
+The package is built in layers; each imports only from the layers below it (checked by
+tests/test_layers.py):
 
     fxopt           driver and tools: optimize, capture, pipeline, verify, report, cli, testing
     fxopt.codegen   lowering to TVM, schedules, build, runtime, export and load

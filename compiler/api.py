@@ -321,7 +321,7 @@ def _tvm_runner(gm: fx.GraphModule, inputs: tuple, target, dynamic: bool, report
 
 def _verified_tvm_runner(model: nn.Module, fast: fx.GraphModule, runner, sets: list, report):
     """Check the TVM build end to end against the eval-mode model (stricter than against the
-    final fx graph, DESIGN.md 5: the pass and TVM rounding errors add up), at the example batch
+    final fx graph: the pass and TVM rounding errors add up), at the example batch
     and another when the batch is symbolic. If it fails, run the fx graph instead and say so:
     optimize never returns a module that failed verification."""
     t = time.perf_counter()

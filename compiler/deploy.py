@@ -18,7 +18,7 @@ from .pipeline import DEFAULT_PIPELINE
 from .verify import check_equivalent, input_sets
 
 
-def compile(model, example_inputs, target="llvm", dynamic_batch=True, tuning_db=None):  # noqa: A001  (DESIGN.md)
+def compile(model, example_inputs, target="llvm", dynamic_batch=True, tuning_db=None):  # noqa: A001  (public: fxopt.compile)
     """Optimize `model` (default pipeline + fuse_blocks, verified) and build it with TVM.
 
     Returns an `fxopt.codegen.artifact.Artifact`: `.module` runs it, `.export("model.so")`

@@ -230,7 +230,7 @@ def test_fold_bn_into_next_is_idempotent():
     assert not again.modified and again.applied == {}
 
 
-# -- declines, and the negative control of REFERENCE.md §E --------------------------------------
+# -- declines, and the negative control: BN before a zero-padded conv -------------------------
 
 
 @pytest.mark.parametrize("kernel", [3, 1])

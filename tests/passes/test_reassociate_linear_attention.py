@@ -164,7 +164,7 @@ class Variant(nn.Module):
 
     def forward(self, q, k, v):
         scores = F.relu(q) @ F.relu(k).transpose(-2, -1)
-        if self.kind == "softmax":  # REFERENCE section E: never reassociable
+        if self.kind == "softmax":  # a negative control: softmax attention never reassociates
             return scores.softmax(-1) @ v
         if self.kind == "exp":
             return scores.exp() @ v
