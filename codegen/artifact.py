@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..ir.errors import BuildError, FxoptError, InputError, UnsupportedError
+from ..ir.errors import BuildError, FxoptError, InputError, UnsupportedError, first_line
 from . import tvm_api as tv
 from .lower import Built
 from .runtime import TVMModule
@@ -80,7 +80,7 @@ def load(path) -> TVMModule:
         library = tv.load_library(os.fspath(path))
     except Exception as error:
         raise UnsupportedError(
-            f"the TVM runtime could not load {str(path)!r}: {_first_line(error)}; a library "
+            f"the TVM runtime could not load {str(path)!r}: {first_line(error)}; a library "
             "built for cuda needs a TVM runtime with CUDA support (and a GPU to run)"
         ) from error
     try:
@@ -89,7 +89,7 @@ def load(path) -> TVMModule:
         raise
     except Exception as error:
         raise InputError(
-            f"{str(path)!r} is not a library fxopt exported ({_first_line(error)}); "
+            f"{str(path)!r} is not a library fxopt exported ({first_line(error)}); "
             "export one with fxopt.compile(model, inputs).export(path)"
         ) from error
 
@@ -108,7 +108,7 @@ def _write_library(executable, path: str) -> None:
     try:
         tv.export_library(executable, path)
     except Exception as error:  # the TVM export and the system linker fail in many types
-        raise BuildError(f"TVM could not write a library: {_first_line(error)}") from error
+        raise BuildError(f"TVM could not write a library: {first_line(error)}") from error
     with open(path, "ab") as library:
         library.write(_trailer(_digest(path, os.path.getsize(path))))
 
@@ -171,8 +171,3 @@ def _unwritable(path: Path, error: OSError) -> InputError:
         f"cannot write the library to {str(path)!r}: {why}; export to a file in a writable "
         "directory"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -1,9 +1,9 @@
 """Lower an optimized ATen graph to a TVM executable.
 
 GraphModule -> torch.export (batch symbolic where the graph allows) -> Relax (weights bound as
-constants, fused-block converters from `fxopt.codegen.blocks`) -> LegalizeOps, AnnotateTIROpPattern,
-FoldConstant, FuseOps, FuseTIR -> fxopt's schedules -> dlight's GPU rules (GPU targets) ->
-`tvm.compile` -> a Relax VM executable.
+constants, fused-block converters from `fxopt.codegen.block_converters`) -> LegalizeOps,
+AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR -> fxopt's schedules -> dlight's GPU rules
+(GPU targets) -> `tvm.compile` -> a Relax VM executable.
 
 The executable also holds a function `fxopt_metadata` returning JSON (input dtypes and shapes,
 output pytree spec, target), so an exported library describes its own call signature.
@@ -20,9 +20,9 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..ir.errors import BuildError, UnsupportedError
-from ..ir.export import batch_size
-from . import blocks, schedules
+from ..ir.errors import BuildError, UnsupportedError, first_line
+from ..ir.export import as_tuple, batch_size
+from . import block_converters, schedules
 from . import tvm_api as tv
 from .runtime import METADATA_FUNCTION
 from .tuning_db import apply_database, check_database
@@ -66,9 +66,7 @@ def build(
         The executable, its target and the call metadata (see `TVMModule`).
     """
     start = time.perf_counter()
-    inputs = (
-        tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    )
+    inputs = as_tuple(example_inputs)
     tvm_target = tv.make_target(target)
     if database is not None:
         database = check_database(database)
@@ -82,7 +80,7 @@ def build(
         executable = tv.compile_module(mod, tvm_target)
     except Exception as error:
         raise BuildError(
-            f"tvm.compile failed for target {tvm_target.kind.name}: {_first_line(error)}; "
+            f"tvm.compile failed for target {tvm_target.kind.name}: {first_line(error)}; "
             "try target='llvm' or optimize with backend='eager'"
         ) from error
     return Built(executable, tvm_target, metadata, dynamic, time.perf_counter() - start, notes)
@@ -98,13 +96,13 @@ def export(gm, inputs: tuple, dynamic_batch: bool):
             try:
                 return _export_dynamic(gm, inputs), True, notes
             except Exception as error:  # export reports specialization in many error types
-                notes.append(f"static batch: the graph fixes the batch size ({_first_line(error)})")
+                notes.append(f"static batch: the graph fixes the batch size ({first_line(error)})")
     try:
         return torch.export.export(gm, inputs, strict=False), False, notes
     except Exception as error:
         raise BuildError(
             f"torch.export could not re-capture the optimized graph for TVM: "
-            f"{_first_line(error)}; optimize with backend='eager' instead"
+            f"{first_line(error)}; optimize with backend='eager' instead"
         ) from error
 
 
@@ -127,7 +125,7 @@ def import_program(exported):
         ops = unsupported_ops(exported.graph_module)
         where = f" (ops TVM cannot convert: {', '.join(sorted(ops))})" if ops else ""
         raise UnsupportedError(
-            f"TVM's torch frontend could not import the graph{where}: {_first_line(error)}; "
+            f"TVM's torch frontend could not import the graph{where}: {first_line(error)}; "
             "fxopt.optimize(..., backend='tvm') keeps such ops in PyTorch"
         ) from error
 
@@ -137,7 +135,7 @@ def converters() -> dict:
     return {
         "convolution.default": _convert_convolution,
         "slice.Tensor": _convert_slice,
-        **blocks.CONVERTERS,
+        **block_converters.CONVERTERS,
     }
 
 
@@ -211,13 +209,14 @@ def lower(mod, target, database=None, notes: list | None = None):
                 which = f" ({', '.join(tuned)})" if tuned else ""
                 notes.append(f"tuning database {database}: {len(tuned)} tuned functions{which}")
         with target:
-            mod = blocks.schedule(mod, target)  # fused blocks first; they are marked scheduled
+            # fused blocks first; they are marked scheduled
+            mod = block_converters.schedule(mod, target)
             mod = schedules.apply(mod, target)
         if tv.is_gpu(target):
             mod = tv.run_passes(mod, [tv.gpu_default_schedule()], target)
     except Exception as error:
         raise BuildError(
-            f"lowering for target {target.kind.name} failed: {_first_line(error)}; "
+            f"lowering for target {target.kind.name} failed: {first_line(error)}; "
             "try target='llvm' or optimize with backend='eager'"
         ) from error
     return mod
@@ -268,8 +267,3 @@ def _attach_metadata(mod, metadata: dict):
     with builder.function(METADATA_FUNCTION, []):
         builder.emit_func_output(relax.expr.String(json.dumps(metadata)))
     return builder.get()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
+from ..ir.errors import first_line
 from ..ir.graph import get_attribute
 from . import tvm_api as tv
 from .lower import build, op_name, unsupported_ops
@@ -45,7 +46,7 @@ def lower_for_optimize(
         # from its table (`unsupported_ops`) may still import
         built = build(gm, inputs, target, dynamic_batch, database)
     except Exception as error:  # an import, legalization or codegen gap: partition
-        note = f"whole-graph TVM build failed ({_first_line(error)}); partitioning"
+        note = f"whole-graph TVM build failed ({first_line(error, 200)}); partitioning"
         return _with_note(_partitioned(gm, inputs, target, dynamic_batch, database), note)
     module = TVMModule(built.executable, built.target.kind.name)
     return Lowered(module, kind, built.seconds, {}, built.notes)
@@ -67,7 +68,7 @@ def _partitioned(gm, inputs, target, dynamic_batch, database) -> Lowered:
         try:
             built = build(submodule, args, target, dynamic, database)
         except Exception as error:  # keep the island in PyTorch, and say which ops it holds
-            lowered.notes.append(f"{name} stays in PyTorch: {_first_line(error)}")
+            lowered.notes.append(f"{name} stays in PyTorch: {first_line(error, 200)}")
             for op, count in _op_counts(submodule).items():
                 lowered.fallback_ops[op] = lowered.fallback_ops.get(op, 0) + count
             continue
@@ -185,8 +186,3 @@ def _op_counts(gm: fx.GraphModule) -> dict[str, int]:
 def _with_note(lowered: Lowered, note: str) -> Lowered:
     lowered.notes.insert(0, note)
     return lowered
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]

@@ -1,10 +1,11 @@
-"""Schedules for the fused-block PrimFuncs of `fxopt.codegen.blocks` (attribute `fxopt.block`).
+"""Schedules for the fused-block PrimFuncs of `fxopt.codegen.block_converters` (attribute
+`fxopt.block`).
 
 One spatial tile of the block's output per loop iteration (CPU) or thread block (GPU): the dw
 output of the tile, for all channels, stays in a small local (CPU) or shared-memory (GPU) buffer
 that the 1x1 conv reads, so the intermediate never goes to main memory and the whole block is one
-kernel. The tile sizes were chosen at conversion time (`fxopt.blocks.tile_for`) and are read from
-the function attributes `fxopt.tile` (CPU) and `fxopt.gpu_tile` (GPU: whole tiles only, since a
+kernel. The tile sizes were chosen at conversion time (`fxopt.ir.block_ops.tile_for`) and are read
+from the function attributes `fxopt.tile` (CPU) and `fxopt.gpu_tile` (GPU: whole tiles only, since a
 partial tile makes TVM bound the halo of a border tile by the whole map).
 """
 
@@ -36,12 +37,7 @@ def schedule(mod, target):
         schedule_target(sch, tuple(int(t) for t in tile))
         func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         scheduled[gvar] = func.with_attr(SCHEDULED_ATTR, target.kind.name)
-    if not scheduled:
-        return mod
-    mod = mod.clone()
-    for gvar, func in scheduled.items():
-        mod.update_func(gvar, func)
-    return mod
+    return tv.with_functions(mod, scheduled)
 
 
 def _has(sch, name: str) -> bool:

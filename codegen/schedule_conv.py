@@ -31,7 +31,7 @@ def _is_load(expr) -> bool:
 
 
 @dataclass(frozen=True)
-class Conv:
+class ConvBlock:
     """What the schedules need to know about one recognized convolution block."""
 
     block: str
@@ -65,7 +65,7 @@ def multiply_accumulate(block):
     return loads
 
 
-def analyze_conv(sch, block_rv) -> Conv | None:
+def analyze_conv(sch, block_rv) -> ConvBlock | None:
     """Return the convolution `block_rv` computes, or None when it is not an NCHW conv2d."""
     block = sch.get(block_rv)
     iters = list(block.iter_vars)
@@ -91,7 +91,7 @@ def analyze_conv(sch, block_rv) -> Conv | None:
     stride = tv.tvm.sym.detect_linear_equation(data.indices[3], [x])
     if len(stride) != 2 or not isinstance(stride[0], tv.tirx.IntImm):
         return None
-    return Conv(
+    return ConvBlock(
         block=block.name_hint,
         out_channels=extents[1],
         height=extents[2],
@@ -113,7 +113,7 @@ def only_reduction(sch):
     return reductions[0] if len(reductions) == 1 else None
 
 
-def find_conv(sch) -> tuple[object, Conv] | None:
+def find_conv(sch) -> tuple[object, ConvBlock] | None:
     """Return (block, conv) when the function holds exactly one reduction, and it is a conv."""
     block = only_reduction(sch)
     conv = None if block is None else analyze_conv(sch, block)
@@ -145,7 +145,7 @@ def accumulate_locally(sch, block_rv):
     return epilogue
 
 
-def schedule_cpu(sch, block_rv, conv: Conv, lanes: int) -> None:
+def schedule_cpu(sch, block_rv, conv: ConvBlock, lanes: int) -> None:
     """Register-tile the output (channels x rows x a vector of columns), reduction inside."""
     epilogue = accumulate_locally(sch, block_rv)
     n, f, y, x, rc, ry, rx = sch.get_loops(block_rv)
@@ -189,7 +189,7 @@ def deinterleave_columns(sch, pad_rv, stride: int) -> None:
     )
 
 
-def schedule_gpu(sch, block_rv, conv: Conv, threads: int = 128) -> None:
+def schedule_gpu(sch, block_rv, conv: ConvBlock, threads: int = 128) -> None:
     """One thread per (pixel, channel tile), partial sums in registers, weights through shared."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     for block in blocks[: [sch.get(b).same_as(sch.get(block_rv)) for b in blocks].index(True)]:
@@ -218,7 +218,7 @@ def schedule_gpu(sch, block_rv, conv: Conv, threads: int = 128) -> None:
     _check_all_bound(sch)
 
 
-def _weights_through_shared(sch, block_rv, rc, conv: Conv, threads: int):
+def _weights_through_shared(sch, block_rv, rc, conv: ConvBlock, threads: int):
     """Stage a chunk of input channels' weights in shared memory, fetched by all threads.
 
     Every pixel thread of a block reads the same weights, so one cooperative load per chunk

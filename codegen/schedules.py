@@ -71,9 +71,4 @@ def apply(mod, target):
             continue
         if result is not None:
             scheduled[gv] = result
-    if not scheduled:
-        return mod
-    mod = mod.clone()
-    for gv, func in scheduled.items():
-        mod.update_func(gv, func)
-    return mod
+    return tv.with_functions(mod, scheduled)

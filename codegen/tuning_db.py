@@ -104,9 +104,4 @@ def apply_database(mod, target, work_dir) -> tuple[object, list[str]]:
         record = records.get(tv.workload_key(tv.workload_of(func)))
         if record is not None:
             tuned[gv] = tv.apply_trace(func, record["trace"])
-    if not tuned:
-        return mod, []
-    mod = mod.clone()
-    for gv, func in tuned.items():
-        mod.update_func(gv, func)
-    return mod, sorted(gv.name_hint for gv in tuned)
+    return tv.with_functions(mod, tuned), sorted(gv.name_hint for gv in tuned)

@@ -297,6 +297,17 @@ def cpu_cores() -> int:
     return max(1, cores or 1)
 
 
+def with_functions(mod, functions: dict):
+    """`mod` with the functions in `functions` (global var -> function) replaced, as a copy:
+    `mod` itself is left as it is, and comes back unchanged when there is nothing to replace."""
+    if not functions:
+        return mod
+    mod = mod.clone()
+    for gvar, func in functions.items():
+        mod.update_func(gvar, func)
+    return mod
+
+
 def workload_of(func):
     """A PrimFunc as MetaSchedule tunes it: alone in a module, named "main"."""
     return _tvm().IRModule({"main": func.with_attr("global_symbol", "main")})

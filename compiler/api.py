@@ -20,7 +20,7 @@ from .codegen.tvm_api import check_target
 from .dynamo import optimize_with_dynamo
 from .finalize import OptimizedModule, finalize, input_spec, output_aliases
 from .ir.errors import CaptureError, InputError, VerificationError
-from .ir.export import batch_size
+from .ir.export import as_tuple, batch_size
 from .ir.graph import snapshot
 from .pipeline import DEFAULT_APPROXIMATE_MAX_ERROR, PassPlan, final_error, optimize_graph, plan
 from .precision import Float64Reference
@@ -202,8 +202,7 @@ def _example_tuple(example_inputs) -> tuple:
             "example_inputs is None; pass the model's arguments: a tensor, or a tuple as in "
             "model(*example_inputs) (an empty tuple for a model that takes none)"
         )
-    inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    return tuple(inputs)
+    return as_tuple(example_inputs)
 
 
 def _check_signature(model: nn.Module, inputs: tuple) -> None:
@@ -340,7 +339,7 @@ def _tvm_runner(gm: fx.GraphModule, inputs: tuple, call: _Call, dynamic: bool, r
 
 def _verified_tvm_runner(model: nn.Module, fast: fx.GraphModule, runner, sets: list, report):
     """Check the TVM build end to end against the eval-mode model (stricter than against the
-    final fx graph, DESIGN.md 5: the pass and TVM rounding errors add up), at the example batch
+    final fx graph: the pass and TVM rounding errors add up), at the example batch
     and another when the batch is symbolic. If it fails, run the fx graph instead and say so:
     optimize never returns a module that failed verification."""
     t = time.perf_counter()

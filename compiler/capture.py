@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .functionalize import functionalize
-from .ir.errors import CaptureError, InputError
+from .ir.errors import CaptureError, InputError, first_line
 from .ir.export import batch_size, export
 from .verify import max_error
 
@@ -59,7 +59,7 @@ def private_copy(model: nn.Module) -> tuple[nn.Module, str | None]:
     try:
         return copy.deepcopy(model), None
     except Exception as error:
-        why = _first_line(error)
+        why = first_line(error)
         shared = _uncopyable(model)
         try:
             return copy.deepcopy(model, {id(v): v for v in shared.values()}), (
@@ -147,7 +147,7 @@ def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Ca
         return Capture(export(model, example_inputs, dynamic=False), False, note)
     except Exception as error:
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {_first_line(error)}"
+            f"torch.export could not capture {type(model).__name__}: {first_line(error)}"
         ) from error
 
 
@@ -155,7 +155,7 @@ def _dynamic_capture(model: nn.Module, inputs: tuple, batch: int) -> Capture:
     try:
         gm = export(model, inputs, dynamic=True)
     except Exception as error:  # export reports shape specialization in many types
-        raise _Static(f"the model fixes the batch size ({_first_line(error)})") from error
+        raise _Static(f"the model fixes the batch size ({first_line(error)})") from error
     if _agrees_at_batch(model, gm, inputs, 1):  # batch 0 is neither traced nor assumed
         return Capture(gm, True, min_batch=0 if _agrees_at_batch(model, gm, inputs, 0) else 1)
     # the trace assumed batch > 1 where the model depends on it: a size-oblivious trace keeps
@@ -205,8 +205,3 @@ def _agrees_at_batch(model: nn.Module, gm: fx.GraphModule, inputs: tuple, rows: 
     except Exception:  # a mismatch (VerificationError), or either fails at that batch
         return False
     return True
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -21,6 +21,7 @@ from . import models as zoo
 from .api import BACKENDS, optimize
 from .bench import REPEATS, WARMUP, bench, format_rows
 from .ir.errors import FxoptError, InputError
+from .ir.export import as_tuple
 from .plot import plot, require_matplotlib
 from .progress import table
 from .rules.registry import defaults, list_passes
@@ -410,7 +411,7 @@ def _run_file(path: Path) -> dict:
 
 def _check_runs(path: Path, model: nn.Module, inputs) -> None:
     """Call the model once, so that inputs it rejects are named here, not deep in capture."""
-    args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    args = as_tuple(inputs)
     training = model.training
     try:
         with torch.no_grad():

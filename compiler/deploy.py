@@ -14,12 +14,12 @@ from .codegen.artifact import load as load_artifact
 from .codegen.lower import build
 from .codegen.tuning_db import check_database
 from .ir.errors import UnsupportedError
-from .ir.export import batch_size
+from .ir.export import as_tuple, batch_size
 from .pipeline import DEFAULT_PIPELINE
-from .verify import check, input_sets
+from .verify import check_equivalent, input_sets
 
 
-def compile(model, example_inputs, target="llvm", dynamic_batch=True, tuning_db=None):  # noqa: A001  (DESIGN.md)
+def compile(model, example_inputs, target="llvm", dynamic_batch=True, tuning_db=None):  # noqa: A001  (public: fxopt.compile)
     """Optimize `model` (default pipeline + fuse_blocks, verified) and build it with TVM.
 
     Returns an `fxopt.codegen.artifact.Artifact`: `.module` runs it, `.export("model.so")`
@@ -49,9 +49,7 @@ def compile_model(
     (with the tuning database `tuning_db`, if any), and check the build against the optimized
     graph when the target's device is here."""
     tv.make_target(target)  # a bad target fails before the optimization, not after
-    inputs = (
-        tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    )
+    inputs = as_tuple(example_inputs)
     passes = [*DEFAULT_PIPELINE, "fuse_blocks"]  # as optimize(backend="tvm") runs them
     optimized = optimize(model, inputs, passes=passes, dynamic_batch=dynamic_batch)
     report = optimized.report
@@ -67,7 +65,7 @@ def compile_model(
     if built.target.kind.name == "llvm":
         other = _other_batch(inputs) if built.dynamic_batch else None
         sets = input_sets(inputs, n_random=1, other_batch=other)
-        report.final_error = check(optimized, artifact.module, sets)
+        report.final_error = check_equivalent(optimized, artifact.module, sets)
     else:
         report.notes.append(f"tvm: built for {built.target.kind.name}; not run here (no device)")
     return artifact

@@ -28,7 +28,7 @@ from .finalize import OptimizedModule, finalize, output_aliases
 from .ir.errors import CaptureError
 from .pipeline import PassPlan, optimize_graph, plan
 from .report import Report
-from .verify import check, input_sets
+from .verify import check_equivalent, input_sets
 
 log = logging.getLogger("fxopt")
 
@@ -169,7 +169,7 @@ def make_backend(steps: PassPlan | None = None, verify: bool = True, report: Rep
             )
             optimized = finalize(optimized, aliases)
             if verify:
-                check(frozen, optimized, sets)
+                check_equivalent(frozen, optimized, sets)
             return optimized
 
         graphs = _PerWeights(gm, weights, runtime, optimize_for)
@@ -199,7 +199,9 @@ def optimize_with_dynamo(
         with torch.no_grad():
             compiled(*inputs)  # compiles every graph now, so the report is complete
             if verify:
-                report.final_error = check(model, compiled, input_sets(inputs, n_random=1))
+                report.final_error = check_equivalent(
+                    model, compiled, input_sets(inputs, n_random=1)
+                )
     except torch._dynamo.exc.TorchDynamoException as error:
         raise _typed(error, model) from error
     report.seconds["total"] = time.perf_counter() - start

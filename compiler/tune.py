@@ -31,12 +31,12 @@ from pathlib import Path
 from torch import fx
 
 from .api import optimize
-from .codegen import blocks, schedules
+from .codegen import block_converters, schedules
 from .codegen import tvm_api as tv
-from .codegen.lower import _first_line, export, import_program
+from .codegen.lower import export, import_program
 from .codegen.tuning_db import save_records
-from .ir.errors import InputError, UnsupportedError
-from .ir.export import batch_size
+from .ir.errors import InputError, UnsupportedError, first_line
+from .ir.export import as_tuple, batch_size
 from .pipeline import DEFAULT_PIPELINE
 from .progress import Progress, table
 
@@ -147,9 +147,7 @@ def tune(
     if trials < 1:
         raise InputError(f"trials must be at least 1, got {trials}")
     start = time.perf_counter()
-    inputs = (
-        tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    )
+    inputs = as_tuple(example_inputs)
     tvm_target = tv.make_target(target)
     _check_can_measure(tvm_target)
     notes = []
@@ -264,7 +262,7 @@ def _fxopt_seconds(ms, workload, target) -> float | None:
 
     try:
         with target:
-            mod = schedules.apply(blocks.schedule(workload, target), target)
+            mod = schedules.apply(block_converters.schedule(workload, target), target)
         if tv.is_gpu(target):
             mod = tv.run_passes(mod, [tv.gpu_default_schedule()], target)
         module = default_build(mod, target, None)
@@ -370,7 +368,7 @@ def _in_process_builder_and_runner(ms, target):
                     built[name] = default_build(item.mod, item.target, None)
                     results.append(ms.builder.BuilderResult(name, None))
                 except Exception as error:  # noqa: BLE001 - a failed candidate is a result
-                    results.append(ms.builder.BuilderResult(None, _first_line(error)))
+                    results.append(ms.builder.BuilderResult(None, first_line(error)))
             return results
 
     @derived_object
@@ -386,7 +384,7 @@ def _in_process_builder_and_runner(ms, target):
                     costs = run_evaluator_common(module, device, config, args)
                     futures.append(LocalRunnerFuture(res=costs))
                 except Exception as error:  # noqa: BLE001 - a failed candidate is a result
-                    futures.append(LocalRunnerFuture(error_message=_first_line(error)))
+                    futures.append(LocalRunnerFuture(error_message=first_line(error)))
             return futures
 
     return InProcessBuilder(), InProcessRunner()

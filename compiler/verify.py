@@ -156,9 +156,10 @@ def check_against(
     rtol: float | None = None,
     atol: float | None = None,
 ) -> tuple[float, list]:
-    """`check` against outputs computed earlier (`outputs`): run `candidate` on every input
-    set, compare with `expected`, stop at the first mismatch (VerificationError). Returns the
-    worst absolute error and the candidate's outputs, copied, to check the next graph against."""
+    """`check_equivalent` against outputs computed earlier (`outputs`): run `candidate` on every
+    input set, compare with `expected`, stop at the first mismatch (VerificationError). Returns
+    the worst absolute error and the candidate's outputs, copied, to check the next graph
+    against."""
     worst, found = 0.0, []
     with torch.no_grad():
         for i, (args, reference) in enumerate(zip(inputs, expected, strict=True)):
@@ -177,7 +178,7 @@ def _copy(output):
     )
 
 
-def check(
+def check_equivalent(
     reference: Callable,
     candidate: Callable,
     inputs: Sequence[tuple],
@@ -186,3 +187,6 @@ def check(
 ) -> float:
     """Run both on every input set; return the worst absolute error, raise on a mismatch."""
     return check_against(outputs(reference, inputs), candidate, inputs, rtol, atol)[0]
+
+
+check = check_equivalent  # its name before fxopt.testing.check (check_pass's module) took it

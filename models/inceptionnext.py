@@ -2,7 +2,7 @@
 
 The four groups are one depthwise conv whose per-channel kernels are zero-padded to the band
 length, a delta on the identity channels; the deploy form is that conv, which may run slower
-than the split form (REFERENCE.md §A).
+than the split form (Yu et al. 2024, InceptionNeXt, arXiv:2303.16900).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Structural re-parameterization by hand: the kernel math and the step that reaches a deploy form.
 
 The helpers are pure functions of tensors (a batch norm is read, never written), the identities of
-REFERENCE.md §A. A re-parameterizable block offers `reparameterized()`, which returns a new module
+structural re-parameterization (RepVGG, Ding et al. 2021, arXiv:2101.03697; DBB, Ding et al. 2021,
+arXiv:2103.13425). A re-parameterizable block offers `reparameterized()`, which returns a new module
 computing the same function from the same weights; `reparameterize` swaps every such block in a
 model for its deploy form, as timm's `reparameterize_model` does, and is idempotent.
 """

@@ -5,7 +5,8 @@ only real input values satisfies conv_W(x * s + t) = conv_{W * s}(x) + sum over 
 with s and t taken per input channel (group-aware). That needs a conv without zero padding
 (padding 0, "valid", or "same" with a 1-sized kernel), any kernel, stride, dilation or groups.
 With zero padding the border taps read 0, where the unfolded graph reads the normalized zero t,
-so a fold would change the borders; that is a known non-equivalence (REFERENCE.md §E).
+so a fold would change the borders; that is a known non-equivalence, kept as a negative control
+in tests/passes/test_fold_bn_into_next.py.
 Declines when: the conv pads with zeros (a padded 1x1 conv too), the conv is transposed, the norm
 uses batch statistics (training mode or no running statistics), the norm's output has another
 user, the conv's weight or bias is not a constant or is shared with another op, or the ranks or

@@ -6,10 +6,10 @@
   block input when the project feeds `x + out`, becomes one `fxopt::pw_dw_pw_block`
   (MobileNetV2 inverted residual), when its per-tile working set fits on chip; otherwise its
   dw -> pw tail becomes a `dw_pw_block`.
-The TVM backend lowers each op to one kernel (`fxopt.codegen.blocks`): a spatial tile of the dw
-output for all channels stays on chip and the 1x1 conv reads it there, which neither TVM's FuseOps
-nor torch.compile does for two convolutions. Eager runs the same ATen calls, so run this pass only
-for backend="tvm". ConvNeXt's block is not fused: after export it is dw 7x7 -> permute ->
+The TVM backend lowers each op to one kernel (`fxopt.codegen.block_converters`): a spatial tile of
+the dw output for all channels stays on chip and the 1x1 conv reads it there, which neither TVM's
+FuseOps nor torch.compile does for two convolutions. Eager runs the same ATen calls, so run this
+pass only for backend="tvm". ConvNeXt's block is not fused: after export it is dw 7x7 -> permute ->
 layer_norm -> linear -> gelu -> linear -> mul -> permute -> add, so the dw conv's user is a
 permute and the MLP is a pair of channels-last linears, not 1x1 convs (a tile holds all channels
 of its pixels, so a dw -> LayerNorm -> MLP kernel is possible; it is not written yet).
@@ -19,8 +19,9 @@ Declines when: the dw output (or its activation) has another user; a weight or b
 constant, is shared, or is not fp32 (the kernels are fp32); the dw conv has a channel multiplier
 or stride above 2, or the 1x1 conv is grouped, strided or padded; the input is not a batched
 NCHW tensor; a value is written in place; the padding is a string; or the working set of the
-smallest tile (`fxopt.blocks.TILES`) exceeds `fxopt.blocks.ON_CHIP_BYTES` (48 KiB: CUDA's static
-shared memory per thread block; 3072 channels for a 2x2 dw tile, fewer with an expand halo).
+smallest tile (`fxopt.ir.block_ops.TILES`) exceeds `fxopt.ir.block_ops.ON_CHIP_BYTES` (48 KiB:
+CUDA's static shared memory per thread block; 3072 channels for a 2x2 dw tile, fewer with an
+expand halo).
 Cost rule: none. dw -> pw does the same FLOPs and never writes the intermediate to memory;
 pw -> dw -> pw recomputes the expand conv on each tile's halo. Measured on CPU (llvm, one
 thread, against the same convs as separate TVM functions): dw -> pw 1.9-3.8x faster,
@@ -35,7 +36,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxopt.ir.blocks import DW_PW_BLOCK, PW_DW_PW_BLOCK, tile_for
+from fxopt.ir.block_ops import DW_PW_BLOCK, PW_DW_PW_BLOCK, tile_for
 from fxopt.ir.graph import arg, call, constant, is_op, mutated_nodes, only_user, owns_weights, val
 from fxopt.ir.ops import Conv, conv
 from fxopt.rules.registry import register_pass
@@ -45,7 +46,7 @@ aten = torch.ops.aten
 
 
 def activation(node: fx.Node) -> str | None:
-    """The `fxopt.blocks.ACTIVATIONS` name of an activation node, or None."""
+    """The `fxopt.ir.block_ops.ACTIVATIONS` name of an activation node, or None."""
     if is_op(node, aten.relu6) or is_op(node, aten.hardtanh) and tuple(node.args[1:3]) == (0, 6):
         return "relu6"
     if is_op(node, aten.gelu):

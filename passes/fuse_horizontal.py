@@ -28,8 +28,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from fxopt.analysis.channel_math import concat_biases, conv_cost, linear_cost
-from fxopt.analysis.cost import hinted, node_roofline, roofline
+from fxopt.analysis.channel_math import concat_biases
+from fxopt.analysis.cost import conv_cost, hinted, linear_cost, node_roofline, roofline
 from fxopt.ir.graph import (
     add_constant,
     arg,

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.analysis.channel_math import concat_biases, conv_cost, depthwise_weight
-from fxopt.analysis.cost import call_overhead, hinted, node_roofline, roofline
+from fxopt.analysis.channel_math import concat_biases, depthwise_weight
+from fxopt.analysis.cost import call_overhead, conv_cost, hinted, node_roofline, roofline
 from fxopt.analysis.kernels import dilate
 from fxopt.ir.graph import (
     add_constant,
@@ -48,8 +48,8 @@ from fxopt.ir.graph import (
     constant,
     constant_users,
     is_op,
-    mutated_nodes,
     val,
+    written_in_place,
 )
 from fxopt.ir.ops import ANY_CONV, CONVS, Conv, conv
 from fxopt.rules.registry import register_pass
@@ -147,7 +147,7 @@ def cat_parts(gm: fx.GraphModule, cat: fx.Node) -> list[Part] | Declined:
     if len({p.node for p in parts}) < len(parts) or len({p.source for p in parts}) != 1:
         return decline("the branches do not read slices of one tensor, each once")
     weights = [n for p in parts if p.conv for n in (p.conv.weight, p.conv.bias) if n is not None]
-    if not untouched(gm, [cat, parts[0].source, *inputs, *weights]):
+    if written_in_place(gm, [cat, parts[0].source, *inputs, *weights]):
         return decline("a value involved is written in place")
     return parts
 
@@ -168,11 +168,6 @@ def can_read(gm: fx.GraphModule, c: Conv, dtype: torch.dtype, axis: int) -> bool
         return True
     bias = constant(gm, c.bias)
     return bias is not None and bias.dtype == dtype and constant_users(gm, c.bias) == 1
-
-
-def untouched(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
-    """No value among `nodes` (or anything sharing its memory) is written in place."""
-    return not set(nodes) & mutated_nodes(gm)
 
 
 def consecutive(parts: list[Part]) -> bool:

@@ -30,12 +30,20 @@ from fxopt.analysis.preconditions import (
     add_of_values,
     add_operands,
     can_skip_padding,
-    owns_constants,
     same_shape,
-    written_in_place,
 )
 from fxopt.analysis.sequential_math import conv_as_matrix, conv_bias_as_vector
-from fxopt.ir.graph import add_constant, arg, call, constant, erase_dead, is_op, val
+from fxopt.ir.graph import (
+    add_constant,
+    arg,
+    call,
+    constant,
+    erase_dead,
+    is_op,
+    owns_weights,
+    val,
+    written_in_place,
+)
 from fxopt.ir.layout import RESHAPES
 from fxopt.ir.ops import Conv, conv, replaced_args
 from fxopt.rules.registry import register_pass
@@ -86,11 +94,11 @@ def fully_connected(gm: fx.GraphModule, node: fx.Node) -> FullyConnected | None:
     if is_op(node, aten.linear):
         weight, bias = node.args[1], arg(node, 2, "bias")
         w = constant(gm, weight)
-        if w is None or w.dim() != 2 or not owns_constants(gm, weight, bias):
+        if w is None or w.dim() != 2 or not owns_weights(gm, weight, bias):
             return None
         return FullyConnected(node, weight, bias, 1, w.shape[1], w.shape[0])
     c, x = conv(node), val(node.args[0]) if node.args else None
-    if c is None or c.transposed or not owns_constants(gm, c.weight, c.bias):
+    if c is None or c.transposed or not owns_weights(gm, c.weight, c.bias):
         return None
     w = constant(gm, c.weight)
     if x is None or x.dim() != w.dim() or any(size != 1 for size in (*x.shape[2:], *w.shape[2:])):
@@ -130,7 +138,7 @@ def can_absorb(gm: fx.GraphModule, fc: FullyConnected, c: Conv) -> bool:
     x, out = val(c.node.args[0]), val(c.node)
     if c.transposed:
         return decline(f"{c.node.name} is a transposed conv")
-    if not owns_constants(gm, c.weight, c.bias) or x is None or out is None:
+    if not owns_weights(gm, c.weight, c.bias) or x is None or out is None:
         return decline(f"{c.node.name}'s weight or bias is not a constant or is shared")
     weight = constant(gm, c.weight)
     if weight.dtype != constant(gm, fc.weight).dtype:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.analysis.cost import Cost, conv_flops, hinted, static_cost
+from fxopt.analysis.cost import Cost, conv_cost, hinted, static_cost
 from fxopt.analysis.kernels import avg_pool_kernel, dilate, identity_kernel, merge_kernels, undilate
 from fxopt.analysis.linear_combination import (
     AVG_POOLS,
@@ -137,10 +137,8 @@ def plan(gm: fx.GraphModule, root: fx.Node) -> Plan | Declined:
 
 def merged_cost(found: Plan, out: torch.Tensor) -> Cost:
     """FLOPs and bytes of the merged conv, which does not exist yet."""
-    out_shape, in_shape = hinted(out.shape), hinted(val(found.x).shape)
-    flops = conv_flops(out_shape[0], out_shape[2:], found.weight_shape, bias=True)
-    elements = math.prod(in_shape) + math.prod(found.weight_shape) + out_shape[1]
-    return Cost(flops, (elements + math.prod(out_shape)) * out.element_size())
+    out_shape, input_elements = hinted(out.shape), math.prod(hinted(val(found.x).shape))
+    return conv_cost(out_shape, found.weight_shape, True, input_elements, out.element_size())
 
 
 def parallel_branches(node: fx.Node) -> tuple[fx.Node, ...] | None:

@@ -32,14 +32,12 @@ from functools import partial
 import torch
 from torch import fx
 
-from fxopt.analysis.cost import Cost, conv_flops, hinted, linear_flops, static_cost
+from fxopt.analysis.cost import Cost, conv_cost, hinted, linear_cost, static_cost
 from fxopt.analysis.preconditions import (
     add_of_values,
     add_operands,
     can_skip_padding,
-    owns_constants,
     same_shape,
-    written_in_place,
 )
 from fxopt.analysis.sequential_math import (
     Bias,
@@ -54,7 +52,9 @@ from fxopt.ir.graph import (
     call,
     constant,
     is_op,
+    owns_weights,
     val,
+    written_in_place,
 )
 from fxopt.ir.ops import CONVS, Conv, conv
 from fxopt.rules.registry import register_pass
@@ -63,12 +63,6 @@ from fxopt.rules.rewrite import Declined, Match, PassResult, Rule, decline, rewr
 aten = torch.ops.aten
 LINEAR = (aten.linear,)
 CONV_OPS = (*CONVS, aten.convolution)
-
-
-def new_op_cost(node_reads, weight_shape, bias_size: int, out_shape, flops: int, itemsize) -> Cost:
-    """Cost of an op not yet in the graph, counted as `static_cost` counts one that is."""
-    elements = sum(math.prod(s) for s in node_reads) + math.prod(weight_shape) + bias_size
-    return Cost(flops, (elements + math.prod(out_shape)) * itemsize)
 
 
 # -- conv -> conv -------------------------------------------------------------------------------
@@ -95,7 +89,7 @@ def conv_pair(gm: fx.GraphModule, match: Match, pointwise_second: bool) -> ConvP
         return decline("a conv is transposed")
     if len(match[0].users) != 1:
         return decline("the first conv's output has another user")
-    if not owns_constants(gm, first.weight, first.bias, second.weight, second.bias):
+    if not all(owns_weights(gm, c.weight, c.bias) for c in (first, second)):
         return decline("a weight or bias is not a constant or is shared")
     w1, w2 = constant(gm, first.weight), constant(gm, second.weight)
     if w1.dtype != w2.dtype:
@@ -124,9 +118,8 @@ def can_merge_convs(match: Match, pointwise_second: bool) -> ConvPair | Declined
     kernel = constant(gm, pair.geometry.weight).shape[2:]
     weight_shape = (w2.shape[0], w1.shape[1] * pair.first.groups // groups, *kernel)
     out, source = hinted(val(match.root).shape), hinted(val(match[0].args[0]).shape)
-    bias = w2.shape[0] if pair.first.bias is not None or pair.second.bias is not None else 0
-    flops = conv_flops(out[0], out[2:], weight_shape, bias > 0)
-    merged = new_op_cost([source], weight_shape, bias, out, flops, w1.element_size())
+    bias = pair.first.bias is not None or pair.second.bias is not None
+    merged = conv_cost(out, weight_shape, bias, math.prod(source), w1.element_size())
     touched = {match[0].args[0], pair.first.weight, pair.second.weight}
     if written_in_place(gm, touched):
         return decline("an input or weight is written in place")
@@ -185,25 +178,22 @@ def can_merge_linears(match: Match) -> bool:
     if written_in_place(gm, touched):
         return decline("an input or weight is written in place")
     bias = arg(first, 2, "bias") is not None or arg(second, 2, "bias") is not None
-    if not linear_cost(first.args[0], second, bias) <= static_cost(match.nodes):
+    if not merged_linear_cost(first.args[0], second, bias) <= static_cost(match.nodes):
         return decline("the merged linear would cost more (a narrow middle width)")
     return True
 
 
 def is_owned_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A linear whose 2-D weight and bias are constants it alone reads."""
-    if not is_op(node, *LINEAR) or not owns_constants(gm, node.args[1], arg(node, 2, "bias")):
+    if not is_op(node, *LINEAR) or not owns_weights(gm, node.args[1], arg(node, 2, "bias")):
         return False
     return constant(gm, node.args[1]).dim() == 2
 
 
-def linear_cost(source: fx.Node, root: fx.Node, bias: bool) -> Cost:
+def merged_linear_cost(source: fx.Node, root: fx.Node, bias: bool) -> Cost:
     """Cost of one linear from `source`'s features to `root`'s output."""
-    x, out = hinted(val(source).shape), hinted(val(root).shape)
-    rows, weight_shape = math.prod(out[:-1]), (out[-1], x[-1])
-    flops = linear_flops(rows, x[-1], out[-1], bias)
-    itemsize = val(root).element_size()
-    return new_op_cost([x], weight_shape, out[-1] if bias else 0, out, flops, itemsize)
+    features, out = hinted(val(source).shape)[-1], hinted(val(root).shape)
+    return linear_cost(out, features, bias, val(root).element_size())
 
 
 def merge_linears(match: Match) -> fx.Node:
@@ -298,7 +288,7 @@ def can_sum(gm: fx.GraphModule, root: fx.Node, path_a: Path, path_b: Path) -> bo
     touched = {source, *biases, *(n.args[1] for n in linears)}
     if written_in_place(gm, touched):
         return decline("an input or weight is written in place")
-    if not linear_cost(source, root, bool(biases)) <= static_cost([*region, root]):
+    if not merged_linear_cost(source, root, bool(biases)) <= static_cost([*region, root]):
         return decline("the merged linear would cost more than the branches")
     return True
 

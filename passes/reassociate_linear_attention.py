@@ -13,10 +13,11 @@ ones appended to V. O(N^2 d) => O(N C d + N d e), memory O(N d e / C).
 Exact: yes, up to summation order: matrix products are associative and a lower-triangular mask
 splits into the diagonal blocks plus the full blocks below them; padded keys are zero.
 Declines when: a softmax or any other non-linearity sits on the scores (softmax attention is
-never reassociated: REFERENCE section E), the scores have a user that is neither form, the mask
-is not the lower triangle (decay masks are not recognised), a causal length is symbolic or the
-scores are not square, Q, KT or V is a constant (a product of weights, not attention), a value
-is written in place, or the cost model prices the rewrite above the original.
+never reassociated: softmax does not distribute over the product), the scores have a user that
+is neither form, the mask is not the lower triangle (decay masks are not recognised), a causal
+length is symbolic or the scores are not square, Q, KT or V is a constant (a product of weights,
+not attention), a value is written in place, or the cost model prices the rewrite above the
+original.
 Cost rule: `fxopt.cost.roofline` of the original calls (the N x M scores, mask, scalings and
 users, at traced shapes) against the roofline of the calls the rewrite creates. With d = e = 64,
 one head, one CPU thread: the model reassociates plain attention from N of about 80 (measured

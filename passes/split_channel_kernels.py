@@ -28,7 +28,7 @@ The model is optimistic by 0.1-0.3, hence the margin: the pass splits at 64x64 (
 channels pass through, 3x3 and 1x11 join into one 3x11 conv, 11x1 stays apart) and keeps the
 merged kernel at 16x16 and below; at 32x32 it splits at batch 2 and not at batch 1. Raw single
 calls at 64x64: merged 617 us against 117 + 83 us for the two small convs and 33 us for the cat.
-Reference: InceptionNeXt (Yu et al. 2024); REFERENCE.md §A "Channel-split branches".
+Reference: InceptionNeXt (Yu et al. 2024, arXiv:2303.16900); merge_channel_branches, its inverse.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.analysis.channel_math import conv_cost
-from fxopt.analysis.cost import Cost, call_overhead, hinted, node_roofline, roofline
+from fxopt.analysis.cost import Cost, call_overhead, conv_cost, hinted, node_roofline, roofline
 from fxopt.analysis.kernels import dilate
 from fxopt.ir.graph import add_constant, call, constant, mutated_nodes, owns_weights, val
 from fxopt.ir.ops import Conv, conv

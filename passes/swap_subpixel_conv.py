@@ -41,8 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxopt.analysis.channel_math import conv_cost
-from fxopt.analysis.cost import Cost, call_overhead, hinted, roofline
+from fxopt.analysis.cost import Cost, call_overhead, conv_cost, hinted, roofline
 from fxopt.ir.graph import add_constant, call, constant, is_op, mutated_nodes, owns_weights, val
 from fxopt.ir.ops import Conv, conv
 from fxopt.rules.registry import register_pass

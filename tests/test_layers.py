@@ -1,4 +1,4 @@
-"""fxopt's import layers (DESIGN.md section 4), checked by reading the source with `ast`.
+"""fxopt's import layers (listed in compiler/__init__.py), checked by reading the source with `ast`.
 
 A module imports only from its own layer and the layers below it, never from another pass; fxopt
 modules import each other at module level (an import inside a function is where a cycle hides);

@@ -1,5 +1,8 @@
 """The cost model: FLOPs and bytes per ATen op at concrete shapes, op counts and parameters.
 
+`static_cost` prices nodes in the graph; `conv_cost` and `linear_cost` price, the same way, an op
+a rewrite plans to create (every pass that compares the two asks them, not a copy of them).
+
 A multiply-add counts as two FLOPs. Shapes are the ones the graph records (`meta["val"]`) with
 its symbolic sizes bound to the inputs' sizes, or, where a node records none, those of one run of
 the graph on the inputs; symbolic batch sizes never leak into the numbers.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +21,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils import _pytree as pytree
 
-from ..ir import blocks
+from ..ir import block_ops
 from ..ir.graph import constant, constants, is_op
 
 aten = torch.ops.aten
@@ -122,8 +126,8 @@ def node_flops(node: fx.Node, values: dict) -> int:
         q, k, v = args[:3]
         pairs = math.prod(q.shape[:-1]) * k.shape[-2]
         return 2 * pairs * (q.shape[-1] + v.shape[-1])
-    if node.target in blocks.BLOCK_OPS:  # fused by `fuse_blocks`: count the convs inside
-        return blocks.block_flops(node.target is blocks.PW_DW_PW_BLOCK, args, out)
+    if node.target in block_ops.BLOCK_OPS:  # fused by `fuse_blocks`: count the convs inside
+        return block_ops.block_flops(node.target is block_ops.PW_DW_PW_BLOCK, args, out)
     if is_op(node, aten.batch_norm, aten._native_batch_norm_legit_no_training):
         return 2 * out.numel()
     if is_op(node, aten.layer_norm, aten.group_norm, aten.softmax, aten._softmax):
@@ -222,6 +226,33 @@ def conv_flops(batch: int, out_spatial, weight_shape, bias: bool) -> int:
 def linear_flops(rows: int, in_features: int, out_features: int, bias: bool) -> int:
     """FLOPs of a linear over `rows` rows, before it exists."""
     return 2 * rows * in_features * out_features + (rows * out_features if bias else 0)
+
+
+def conv_cost(
+    out_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    has_bias: bool,
+    input_elements: int,
+    element_size: int,
+) -> Cost:
+    """The cost of a conv that does not exist yet, batched or not, from its concrete shapes."""
+    batched = len(out_shape) == len(weight_shape)
+    batch, spatial = (out_shape[0], out_shape[2:]) if batched else (1, out_shape[1:])
+    weights = math.prod(weight_shape) + (weight_shape[0] if has_bias else 0)
+    elements = input_elements + math.prod(out_shape) + weights
+    return Cost(conv_flops(batch, spatial, weight_shape, has_bias), elements * element_size)
+
+
+def linear_cost(
+    out_shape: Sequence[int], in_features: int, has_bias: bool, element_size: int
+) -> Cost:
+    """The cost of a linear that does not exist yet, from its concrete output shape."""
+    out_features = out_shape[-1]
+    rows = math.prod(out_shape[:-1])
+    weights = in_features * out_features + (out_features if has_bias else 0)
+    elements = rows * in_features + rows * out_features + weights
+    flops = linear_flops(rows, in_features, out_features, has_bias)
+    return Cost(flops, elements * element_size)
 
 
 def flops(gm: fx.GraphModule, inputs: tuple, values: dict | None = None) -> int:

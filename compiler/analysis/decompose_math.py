@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxopt.analysis.cost import Cost, call_overhead, conv_flops, roofline
+from fxopt.analysis.cost import Cost, call_overhead, conv_cost, roofline
 
 # Singular values are dropped while the dropped part's Frobenius norm stays within this many
 # units of roundoff of the kernel's own norm: storing the kernel in its dtype already moves it by
@@ -178,8 +178,5 @@ def conv_price(
 ) -> float:
     """`roofline` of a conv that does not exist yet (batched output shape), in byte units, its
     FLOPs counted `penalty` times (a band conv's slower FLOP rate)."""
-    flops = conv_flops(out_shape[0], out_shape[2:], weight_shape, has_bias)
-    weights = math.prod(weight_shape) + (weight_shape[0] if has_bias else 0)
-    moved = (input_elements + math.prod(out_shape) + weights) * element_size
-    flops = round(flops * penalty)
-    return roofline(Cost(flops, moved), call_overhead(groups))
+    cost = conv_cost(out_shape, weight_shape, has_bias, input_elements, element_size)
+    return roofline(Cost(round(cost.flops * penalty), cost.bytes), call_overhead(groups))

@@ -1,4 +1,4 @@
-"""Pure tensor math for merging parallel conv branches into one kernel (REFERENCE.md §A).
+"""Pure tensor math for merging parallel conv branches into one kernel (RepVGG, arXiv:2101.03697).
 
 A kernel is laid out as a conv weight, (out, in / groups, *spatial). No graph in sight: these are
 functions of tensors, tested on their own.

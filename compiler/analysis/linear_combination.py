@@ -7,7 +7,8 @@ pools) applied to its first argument, or the identity on a value the reading can
 Addition, subtraction, negation, multiplication and division by per-channel constants, and eval
 batch norm distribute over the terms, so RepVGG's `bn(conv(x)) + conv1(x) + bn(x)` and FastViT's
 `x + gamma * (mixer(x) - norm(x))` both read as sums of terms of x. This is the graph algebra
-behind structural re-parameterization (REFERENCE.md §A); the reading never changes the graph.
+behind structural re-parameterization (RepVGG, Ding et al. 2021); the reading never changes the
+graph.
 
 A value inside the combination that another op also reads is not looked into (it stays one
 identity term), so whoever replaces the combination never removes a value still in use.

@@ -3,7 +3,9 @@
 `can_skip_padding` (a conv never reads a padded zero: fold_bn_into_next, merge_sequential_convs,
 merge_conv_into_linear), `is_deterministic` (an op computes the same value every time:
 fold_constants, and the attention matchers), and the checks both merge_sequential_convs and
-merge_conv_into_linear make on sums and on the constants they merge.
+merge_conv_into_linear make on sums. Whether a pass owns the constants it merges
+(`owns_weights`) and whether a value is written in place (`written_in_place`) are graph queries
+in `fxopt.ir.graph`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..ir.graph import arg, constant, constant_users, is_op, mutated_nodes, val
+from ..ir.graph import arg, is_op, val
 from ..ir.ops import Conv
 
 aten = torch.ops.aten
@@ -53,17 +55,6 @@ def is_deterministic(node: fx.Node) -> bool:
 ADDS = (aten.add.Tensor,)
 
 
-def owns_constants(gm: fx.GraphModule, *nodes: fx.Node | None) -> bool:
-    """Every node given (None skipped) is a floating-point constant that no other op reads."""
-    for node in nodes:
-        tensor = constant(gm, node) if node is not None else torch.empty(0)
-        if tensor is None or not tensor.is_floating_point():
-            return False
-        if node is not None and constant_users(gm, node) != 1:
-            return False
-    return True
-
-
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
     """(a, b, alpha) of `a + alpha * b` when both are graph values; None otherwise."""
     if not is_op(node, *ADDS) or len(node.args) != 2:
@@ -79,12 +70,6 @@ def same_shape(*nodes: fx.Node) -> bool:
     return all(len(s) == len(shapes[0]) for s in shapes) and all(
         statically_known_true(a == b) for s in shapes[1:] for a, b in zip(s, shapes[0], strict=True)
     )
-
-
-def written_in_place(gm: fx.GraphModule, touched) -> bool:
-    """Whether an in-place op (one the capture kept: a write into an input or buffer) may
-    write the memory of a `touched` value."""
-    return bool(mutated_nodes(gm) & set(touched))
 
 
 def add_of_values(node: fx.Node) -> list[fx.Node] | None:

@@ -27,3 +27,10 @@ class UnsupportedError(FxoptError, NotImplementedError):
 
 class BuildError(FxoptError):
     """TVM could not import, legalize or compile the graph."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, at most `limit` characters: how a message names an
+    error it wraps (torch's and TVM's run to pages)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:limit]

@@ -17,6 +17,12 @@ from torch.fx.experimental import _config as shape_config
 from torch.utils import _pytree as pytree
 
 
+def as_tuple(inputs) -> tuple:
+    """Example inputs as the tuple a model is called with: a tuple or list as it is, anything
+    else (one tensor) as the only argument."""
+    return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+
+
 def batch_size(inputs: tuple) -> int | None:
     """The leading dimension shared by every tensor input, or None."""
     sizes = {

@@ -155,10 +155,12 @@ def _lookup(gm: fx.GraphModule, target: str, lookups: dict) -> Any:
 def owns_weights(gm: fx.GraphModule, weight: Any, bias: Any = None) -> bool:
     """Whether a conv/linear's weight (and bias, if any) are floating-point constants that no
     other op reads, so a rewrite may replace them without touching another op's result."""
-    tensor = constant(gm, weight)
-    if tensor is None or not tensor.is_floating_point() or constant_users(gm, weight) != 1:
-        return False
-    return bias is None or (constant(gm, bias) is not None and constant_users(gm, bias) == 1)
+    return _owned(gm, weight) and (bias is None or _owned(gm, bias))
+
+
+def _owned(gm: fx.GraphModule, node: Any) -> bool:
+    tensor = constant(gm, node)
+    return tensor is not None and tensor.is_floating_point() and constant_users(gm, node) == 1
 
 
 def constants(gm: fx.GraphModule) -> Iterable[torch.Tensor]:
@@ -294,6 +296,12 @@ def mutated_nodes(gm: fx.GraphModule) -> set[fx.Node] | frozenset[fx.Node]:
     if "mutated_nodes" not in memo:
         memo["mutated_nodes"] = frozenset(_mutated_nodes(gm))
     return memo["mutated_nodes"]
+
+
+def written_in_place(gm: fx.GraphModule, touched) -> bool:
+    """Whether an in-place op (one the capture kept: a write into an input or buffer) may
+    write the memory of a `touched` value."""
+    return bool(mutated_nodes(gm) & set(touched))
 
 
 def _mutated_nodes(gm: fx.GraphModule) -> set[fx.Node]:

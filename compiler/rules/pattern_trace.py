@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from ..ir.errors import InputError
+from ..ir.errors import InputError, first_line
 from ..ir.export import export
 from .wildcards import PatternTrace, kind_of, tracing
 
@@ -189,9 +189,3 @@ def _call_plain(func: Callable, args: tuple, kwargs: dict, values: dict[int, tor
     plain_args, plain_kwargs = pytree.tree_map(lambda a: values.get(id(a), a), (args, kwargs))
     with torch._C.DisableTorchFunctionSubclass():
         return func(*plain_args, **plain_kwargs)
-
-
-def first_line(error: BaseException) -> str:
-    """`Type: first line of the message`, at most 300 characters."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

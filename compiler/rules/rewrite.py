@@ -42,7 +42,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
-from ..ir.errors import InputError, RewriteError
+from ..ir.errors import InputError, RewriteError, first_line
 from ..ir.graph import (
     add_constant,
     call,
@@ -54,8 +54,8 @@ from ..ir.graph import (
     unchanged,
     val,
 )
-from .pattern import Pattern
-from .pattern_trace import Traced, first_line, trace_replacement
+from .pattern_trace import Traced, trace_replacement
+from .patterns import Pattern
 
 PatternSpec = Pattern | Sequence[Any] | Callable[[fx.Node], "Sequence[fx.Node] | None"]
 

@@ -16,10 +16,15 @@ import copy
 import functools
 import importlib
 
-from .. import verify  # not `from ..verify import check`: the submodule `check` would shadow it
+import torch
+from torch import fx
+
+from .. import verify
 from ..capture import capture
-from ..ir.graph import clean, is_op
+from ..ir.export import as_tuple
+from ..ir.graph import clean, constant, is_op
 from ..precision import float64_copy, float64_inputs, judge
+from .resolve import resolve_pass
 
 
 def assert_equivalent(
@@ -33,10 +38,10 @@ def assert_equivalent(
     `fxopt.precision`): both run again in float64 (an OptimizedModule as its ``graph_module``),
     and the candidate passes when it agrees with the reference there and is no further from the
     float64 result in float32 than the reference is, each within the same bound."""
-    inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    inputs = as_tuple(inputs)
     sets = verify.input_sets(inputs, n_random)
     try:
-        return verify.check(reference, candidate, sets, rtol, atol)
+        return verify.check_equivalent(reference, candidate, sets, rtol, atol)
     except verify.VerificationError as error:
         if not float64 or rtol is not None or atol is not None:
             raise
@@ -84,6 +89,35 @@ def apply_pass(pass_fn, model, *inputs, rtol=None, atol=None, dynamic_batch: boo
     return result
 
 
+def assert_declines(pass_or_rule, model, *inputs, reason: str | None = None):
+    """Assert that a pass declines: run it on `model`'s graph (or on `model` itself when it is a
+    GraphModule) and check that it reports no change, that the graph's code and constants are
+    as they were and, given `reason`, that one of its near-misses says so (a substring of a
+    `PassResult.declined` entry). Returns the PassResult, for checks of its own.
+
+    `pass_or_rule` is what `check_pass` takes: a pass name, a pass function, a Rule or a list of
+    rules."""
+    _, run_pass = resolve_pass(pass_or_rule)
+    gm = model if isinstance(model, fx.GraphModule) else graph_of(model, *inputs)
+    code, before = gm.code, _constants(gm)
+    result = run_pass(gm)
+    assert not result.modified, f"the pass reports a change: {dict(result.applied)}"
+    assert result.graph_module.code == code, "the pass declined but changed the graph"
+    after = _constants(result.graph_module)
+    changed = [name for name, t in before.items() if not torch.equal(t, after[name])]
+    assert not changed, f"the pass declined but changed the constants {changed}"
+    if reason is not None:
+        reasons = [r for found in result.declined.values() for r in found]
+        assert any(reason in r for r in reasons), f"no near-miss says {reason!r}: {reasons}"
+    return result
+
+
+def _constants(gm) -> dict:
+    """A copy of every tensor the graph reads through `get_attr`, by target."""
+    found = ((node.target, constant(gm, node)) for node in gm.graph.find_nodes(op="get_attr"))
+    return {target: t.detach().clone() for target, t in found if t is not None}
+
+
 def count_ops(gm, *ops) -> int:
     """How many nodes of `gm` call one of `ops`."""
     return sum(is_op(node, *ops) for node in gm.graph.nodes)
@@ -111,6 +145,7 @@ __all__ = [
     "CheckSummary",
     "PassCheckError",
     "apply_pass",
+    "assert_declines",
     "assert_equivalent",
     "check_pass",
     "count_ops",

@@ -8,23 +8,20 @@ failure is shrunk to the smallest model that still fails and reported as a runna
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from torch import fx, nn
+from torch import nn
 
-from ..rules.registry import get_pass
-from ..rules.rewrite import PassResult, Rule, rewrite
 from .example import SKIP, Outcome, example_key, run_example
 from .failure import failure_message
 from .minimize import minimize
+from .resolve import resolve_pass
 from .source import build, parameter_count
 from .spec import ModelSpec
 from .strategies import inputs, inputs_for, specs
@@ -234,27 +231,6 @@ class Run:
         if outcome is None:
             return error
         return failure(self.name, build(spec), example_inputs, outcome, self.first)
-
-
-def resolve_pass(pass_or_rule) -> tuple[str, Callable[[fx.GraphModule], PassResult]]:
-    """(name, gm -> PassResult) for a pass name, a pass function, a Rule or a list of rules."""
-    if isinstance(pass_or_rule, str):
-        return pass_or_rule, get_pass(pass_or_rule).fn
-    if isinstance(pass_or_rule, Rule):
-        pass_or_rule = [pass_or_rule]
-    if isinstance(pass_or_rule, Sequence) and all(isinstance(r, Rule) for r in pass_or_rule):
-        rules = list(pass_or_rule)
-        return "rules " + ", ".join(r.name for r in rules), lambda gm: rewrite(gm, rules)
-    if not callable(pass_or_rule):
-        raise TypeError(f"check_pass needs a pass name, function or rules, got {pass_or_rule!r}")
-    return pass_name(pass_or_rule), pass_or_rule
-
-
-def pass_name(fn) -> str:
-    if isinstance(fn, functools.partial):
-        args = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v in fn.keywords.items()]
-        return f"{pass_name(fn.func)}({', '.join(args)})"
-    return getattr(fn, "pass_name", None) or getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def draw_case(data, strategy) -> tuple[nn.Module, tuple]:

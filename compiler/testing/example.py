@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from ..ir.errors import VerificationError
 from ..ir.graph import clean
-from ..verify import check, input_sets, max_error, tolerance
+from ..verify import check_equivalent, input_sets, max_error, tolerance
 from . import graph_of
 from .failure import measure_error
 
@@ -69,7 +69,7 @@ def run_example(run_pass, model: nn.Module, example_inputs, rtol, atol, summary)
     other = other_batch(gm, example_inputs)
     sets = input_sets(tuple(example_inputs), n_random=1, other_batch=other)
     try:
-        check(reference, rewritten, sets, rtol, atol)
+        check_equivalent(reference, rewritten, sets, rtol, atol)
     except VerificationError as error:
         measured = measure_error(reference, rewritten, sets, rtol, atol)
         return Outcome("the outputs differ", describe(error), applied, measured, "", other)

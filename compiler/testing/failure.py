@@ -71,10 +71,11 @@ def failure_message(name: str, model, example_inputs, outcome, first) -> tuple[s
         f"({first.seconds:.1f} s); smallest found: {size}.",
         "  to reproduce, save the script below as repro.py and run",
         "    from repro import model, inputs",
-        "    from fxopt.verify import check, input_sets",
+        "    from fxopt.verify import check_equivalent, input_sets",
         "    graph = fxopt.testing.graph_of(model, *inputs, dynamic_batch=True)",
         "    gm = <the pass>(graph).graph_module",
-        f"    check(model, gm, input_sets(inputs, n_random=1, other_batch={outcome.other_batch}))",
+        f"    sets = input_sets(inputs, n_random=1, other_batch={outcome.other_batch})",
+        "    check_equivalent(model, gm, sets)",
         "",
         text.rstrip(),
     ]

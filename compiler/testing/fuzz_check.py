@@ -154,7 +154,7 @@ def _failed(record) -> bool:
 
 def _check_call(label: str, reference, optimized, args: tuple, stateful: bool, guards) -> int:
     """Compare one call; 1 when one of the calls labelled `guards` met InputError (a guard
-    the capture derived: allowed, DESIGN.md 6)."""
+    the capture derived: allowed, see fxopt.finalize)."""
     before, eager_args = _clone(args), _clone(args)
     with torch.no_grad():
         try:  # first: a call the optimized model refuses must not move the reference's state

@@ -20,7 +20,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from .strategies import BATCH_NORMS, CONVS, randomize_batch_norm
+from .strategies import CONVS, random_batch_norm
 
 POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 BRANCH_KINDS = ("conv", "conv_bn", "scaled_conv", "identity", "bn", "pool", "pool_bn")
@@ -46,10 +46,6 @@ class MultiBranch(nn.Module):
             y = y if scale is None else y * scale
             total = y if total is None else total + y if sign > 0 else total - y
         return total if self.gamma is None else x + self.gamma * total
-
-
-def _bn(dims: int, channels: int, seed: int) -> nn.Module:
-    return randomize_batch_norm(BATCH_NORMS[dims](channels), seed)
 
 
 def _odd_up_to(limit: int) -> st.SearchStrategy[int]:
@@ -85,15 +81,21 @@ def _branch(draw, kind: str, geometry: dict, kernel: tuple[int, ...]) -> nn.Modu
     seed = draw(st.integers(0, 2**16))
     if kind in ("conv", "conv_bn", "scaled_conv"):
         conv = draw(_fitting_conv(geometry, kernel))
-        return nn.Sequential(conv, _bn(dims, channels, seed)) if kind == "conv_bn" else conv
+        return (
+            nn.Sequential(conv, random_batch_norm(channels, dims, seed))
+            if kind == "conv_bn"
+            else conv
+        )
     if kind == "identity":
         return nn.Identity()
     if kind == "bn":
-        return _bn(dims, channels, seed)
+        return random_batch_norm(channels, dims, seed)
     # a 3-d pool wants its window no larger than the unpadded input
     size = tuple(draw(_odd_up_to(min(limit, geometry["size"]))) for limit in kernel)
     pool = POOLS[dims](size, geometry["stride"], tuple(k // 2 for k in size))
-    return nn.Sequential(pool, _bn(dims, channels, seed)) if kind == "pool_bn" else pool
+    return (
+        nn.Sequential(pool, random_batch_norm(channels, dims, seed)) if kind == "pool_bn" else pool
+    )
 
 
 def _scale(draw, kind: str, geometry: dict):

@@ -27,6 +27,12 @@ CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TRANSPOSED_CONVS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
+def random_batch_norm(channels: int, dims: int = 2, seed: int = 0, **options) -> nn.Module:
+    """A `dims`-D batch norm over `channels` (`options` as the module takes them) with its
+    statistics and affine parameters drawn by `randomize_batch_norm` from `seed`."""
+    return randomize_batch_norm(BATCH_NORMS[dims](channels, **options), seed)
+
+
 @st.composite
 def conv_bn(draw, dims=(1, 2, 3), transposed=(False, True)):
     """(model, input): a conv or transposed conv of random hyper-parameters, then batch norm."""

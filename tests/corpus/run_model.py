@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt.analysis.cost import op_counts  # noqa: E402
-from fxopt.ir.errors import VerificationError  # noqa: E402
+from fxopt.ir.errors import VerificationError, first_line  # noqa: E402
 from fxopt.testing import assert_equivalent, graph_of  # noqa: E402
 
 OTHER_BATCH = 3
@@ -65,7 +65,7 @@ def check(model, optimized, inputs) -> tuple[float | None, str | None]:
     except VerificationError as error:
         return None, f"mismatch: {str(error).splitlines()[0]}"
     except Exception as error:  # e.g. InputError: the batch was captured static
-        return None, f"exception: {type(error).__name__}: {_first_line(error)}"
+        return None, f"exception: {first_line(error)}"
 
 
 def run(name: str, deploy: bool) -> dict:
@@ -83,7 +83,7 @@ def run(name: str, deploy: bool) -> dict:
     try:
         optimized = fxopt.optimize(model, inputs)
     except Exception as error:
-        row["status"] = f"exception: {type(error).__name__}: {_first_line(error)}"
+        row["status"] = f"exception: {first_line(error)}"
         return row
     row["optimize_s"] = round(time.perf_counter() - start, 2)
     row.update(describe(optimized.report))
@@ -113,10 +113,6 @@ def deploy_counts(name: str, inputs: tuple) -> dict[str, int]:
     `optimize` captures (its report's "before" counts)."""
     deployed = fxopt.models.create(name, deploy=True)
     return summarize(op_counts(graph_of(deployed, *inputs, dynamic_batch=True)))
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def main() -> None:

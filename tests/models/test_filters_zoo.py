@@ -1,5 +1,6 @@
-"""The filter models: fixed kernels stay exactly what they are, and VAN's LKA is a negative
-control for merging two zero-padded depthwise convs (REFERENCE.md §E)."""
+"""The filter models: fixed kernels stay exactly what they are, and VAN's LKA (Guo et al. 2022,
+arXiv:2202.09741) is a negative control for merging two zero-padded depthwise convs: the merged
+conv would read zeros at the borders where the second conv reads the first one's output."""
 
 import torch
 

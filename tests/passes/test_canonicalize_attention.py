@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 import fxopt
 from fxopt.ir.graph import is_op
 from fxopt.passes.canonicalize_attention import AttentionSettings, canonicalize_attention
-from fxopt.testing import apply_pass, count_ops, graph_of
+from fxopt.testing import apply_pass, assert_declines, count_ops, graph_of
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention
@@ -64,20 +65,9 @@ class MultiHead(nn.Module):
         return self.proj((weights @ v).transpose(1, 2).reshape(b, n, c))
 
 
-def qkv(*shape):
-    return tuple(torch.randn(*shape) for _ in range(3))
-
-
 def sdpa_node(gm):
     (node,) = [n for n in gm.graph.nodes if is_op(n, SDPA)]
     return node
-
-
-def unchanged(model, *inputs):
-    gm = graph_of(model, *inputs)
-    code = gm.code
-    result = canonicalize_attention(gm)
-    return not result.modified and result.graph_module.code == code
 
 
 # structural
@@ -268,7 +258,7 @@ class Variant(nn.Module):
     ],
 )
 def test_canonicalize_attention_declines_what_sdpa_cannot_express(kind):
-    assert unchanged(Variant(kind), *qkv(2, 6, 4))
+    assert_declines(canonicalize_attention, Variant(kind), *qkv(2, 6, 4))
 
 
 def test_canonicalize_attention_declines_multihead_attention_that_returns_its_weights():
@@ -281,4 +271,4 @@ def test_canonicalize_attention_declines_multihead_attention_that_returns_its_we
 
 
 def test_canonicalize_attention_declines_unbatched_inputs():
-    assert unchanged(HandAttention(), *qkv(6, 4))
+    assert_declines(canonicalize_attention, HandAttention(), *qkv(6, 4))

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from helpers import x_for
 from hypothesis import given, settings
 from hypothesis import strategies as hypothesis_st
 from torch import nn
@@ -23,10 +24,6 @@ def conv_bn(dims=2, transposed=False, affine=True, **conv_kwargs) -> nn.Sequenti
     kinds = TCONV if transposed else CONV
     conv = kinds[dims](4, 6, **{"kernel_size": 3, **conv_kwargs})
     return nn.Sequential(conv, randomized(BN[dims](6, affine=affine))).eval()
-
-
-def x_for(dims: int, batch: int = 2, channels: int = 4) -> torch.Tensor:
-    return torch.randn(batch, channels, *([9] * dims))
 
 
 def test_fold_conv_bn_removes_every_batch_norm_and_counts_match_applied():

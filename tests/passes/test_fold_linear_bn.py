@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import seeded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,14 +24,6 @@ aten = torch.ops.aten
 
 
 randomized = randomize_batch_norm
-
-
-def seeded(module: nn.Module, seed: int) -> nn.Module:
-    """Deterministic weights, independent of the global RNG (hypothesis replays examples)."""
-    g = torch.Generator().manual_seed(seed)
-    for parameter in module.parameters():
-        parameter.data = torch.randn(parameter.shape, generator=g) * 0.5
-    return module
 
 
 def linear_bn(in_features=5, out_features=6, bias=True, affine=True) -> nn.Sequential:

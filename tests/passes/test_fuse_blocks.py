@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.ir.blocks import (
+from fxopt.ir.block_ops import (
     ACTIVATIONS,
     BLOCK_OPS,
     DW_PW_BLOCK,

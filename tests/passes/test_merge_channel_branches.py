@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxopt
-from fxopt.analysis.channel_math import concat_biases, conv_cost, depthwise_weight
-from fxopt.analysis.cost import Cost, roofline, static_cost
+from fxopt.analysis.channel_math import concat_biases, depthwise_weight
+from fxopt.analysis.cost import Cost, conv_cost, roofline, static_cost
 from fxopt.ir.graph import is_op
 from fxopt.passes.merge_channel_branches import merge_channel_branches
-from fxopt.testing import apply_pass, count_ops, graph_of
+from fxopt.testing import apply_pass, assert_declines, count_ops, graph_of
 
 aten = torch.ops.aten
 CONV = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -79,13 +79,6 @@ def dw(channels, kernel, dims=2, **kwargs):
     )
 
 
-def unchanged(model, *inputs) -> bool:
-    gm = graph_of(model.eval(), *inputs)
-    code = gm.code
-    result = merge_channel_branches(gm)
-    return not result.modified and result.graph_module.code == code
-
-
 def only_conv(gm):
     (node,) = [n for n in gm.graph.nodes if n.op == "call_function" and is_op(n, *CONV_OPS)]
     return node
@@ -119,7 +112,7 @@ def test_merge_channel_branches_merges_inceptionnext_bands_only_below_the_crosso
     32x16x16); on 64x64 maps the 11x11 kernel's 2.7x work wins and the branches stay."""
     model, x = InceptionDW(band=band).eval(), x2d(size=size)
     if not merges:
-        assert unchanged(model, x)
+        assert_declines(merge_channel_branches, model, x)
         return
     result = apply_pass(merge_channel_branches, model, x)
     assert result.applied == {"split-dw-branches": 1}
@@ -159,7 +152,7 @@ def test_merge_channel_branches_turns_resnext_branches_into_one_grouped_conv(
 
 def test_merge_channel_branches_keeps_a_few_dense_branches_where_one_grouped_call_costs_more():
     branches = [nn.Conv2d(4, 6, 3, padding=1, stride=2) for _ in range(3)]
-    assert unchanged(Branches(branches, sizes=[4, 4, 4]), x2d(12))
+    assert_declines(merge_channel_branches, Branches(branches, sizes=[4, 4, 4]), x2d(12))
 
 
 def test_merge_channel_branches_multiplies_the_groups_of_grouped_branches():
@@ -279,7 +272,7 @@ DECLINES = {  # name: (model, channels of x)
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize(("model", "channels"), DECLINES.values(), ids=DECLINES.keys())
 def test_merge_channel_branches_declines_when_precondition_fails(model, channels):
-    assert unchanged(model, x2d(channels))
+    assert_declines(merge_channel_branches, model, x2d(channels))
 
 
 def test_merge_channel_branches_declines_when_weight_is_not_constant():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randn, seeded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,18 +24,6 @@ module = importlib.import_module("fxopt.passes.merge_conv_into_linear")
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_OPS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
-
-
-def seeded(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
-    """Deterministic weights, independent of the global RNG (hypothesis replays examples)."""
-    g = torch.Generator().manual_seed(seed)
-    for parameter in module.parameters():
-        parameter.data = torch.randn(parameter.shape, generator=g) * scale
-    return module.eval()
-
-
-def randn(*shape, seed=0, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 class FcPlusConvs(nn.Module):

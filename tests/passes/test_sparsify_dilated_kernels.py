@@ -10,7 +10,7 @@ from fxopt.analysis.decompose_math import Grid, grid_kernel, tap_grid
 from fxopt.analysis.kernels import dilate
 from fxopt.passes.sparsify_dilated_kernels import sparsify_dilated_kernels
 from fxopt.pipeline import DEFAULT_PIPELINE
-from fxopt.testing import apply_pass, graph_of
+from fxopt.testing import apply_pass, assert_declines, graph_of
 
 aten = torch.ops.aten
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -214,13 +214,6 @@ def test_sparsify_dilated_kernels_is_idempotent():
 # declines
 
 
-def unchanged(model, *inputs) -> tuple[bool, dict]:
-    gm = graph_of(model.eval(), *inputs)
-    code = gm.code
-    result = sparsify_dilated_kernels(gm)
-    return not result.modified and result.graph_module.code == code, result.declined
-
-
 class WeightFromInput(nn.Module):
     def forward(self, x, weight):
         return F.conv2d(x, weight, padding=2)
@@ -232,19 +225,23 @@ class SharedWeight(FixedConv):
 
 
 def test_sparsify_dilated_kernels_leaves_a_dense_kernel_alone():
-    ok, declined = unchanged(FixedConv(torch.randn(4, 4, 3, 3), padding=1), torch.randn(1, 4, 8, 8))
-    assert ok and declined == {}
+    declined = assert_declines(
+        sparsify_dilated_kernels,
+        FixedConv(torch.randn(4, 4, 3, 3), padding=1),
+        torch.randn(1, 4, 8, 8),
+    ).declined
+    assert declined == {}
 
 
 def test_sparsify_dilated_kernels_declines_a_weight_that_is_not_a_constant():
     weight = dilate(torch.randn(4, 4, 3, 3), (2, 2))
-    assert unchanged(WeightFromInput(), torch.randn(1, 4, 9, 9), weight)[0]
+    assert_declines(sparsify_dilated_kernels, WeightFromInput(), torch.randn(1, 4, 9, 9), weight)
 
 
 def test_sparsify_dilated_kernels_declines_a_shared_weight():
     model = SharedWeight(dilate(torch.randn(4, 4, 3, 3), (2, 2)), padding=2)
-    ok, declined = unchanged(model, torch.randn(1, 4, 9, 9))
-    assert ok and "read by another op" in declined["sparsify-dilated"][0]
+    declined = assert_declines(sparsify_dilated_kernels, model, torch.randn(1, 4, 9, 9)).declined
+    assert "read by another op" in declined["sparsify-dilated"][0]
 
 
 @pytest.mark.parametrize(
@@ -254,15 +251,17 @@ def test_sparsify_dilated_kernels_declines_a_shared_weight():
 )
 def test_sparsify_dilated_kernels_declines_a_grid_the_padding_cannot_express(start, options):
     weight = placed(dilate(torch.randn(4, 4, 3, 3), (2, 2)), (7, 7), start)
-    ok, declined = unchanged(FixedConv(weight, **options), torch.randn(1, 4, 16, 16))
-    assert ok and "need padding" in declined["sparsify-dilated"][0]
+    declined = assert_declines(
+        sparsify_dilated_kernels, FixedConv(weight, **options), torch.randn(1, 4, 16, 16)
+    ).declined
+    assert "need padding" in declined["sparsify-dilated"][0]
 
 
 def test_sparsify_dilated_kernels_leaves_transposed_convs_alone():
     model = nn.ConvTranspose2d(4, 4, 5, padding=2)
     with torch.no_grad():
         model.weight.copy_(dilate(torch.randn(4, 4, 3, 3), (2, 2)))
-    assert unchanged(model, torch.randn(1, 4, 9, 9))[0]
+    assert_declines(sparsify_dilated_kernels, model, torch.randn(1, 4, 9, 9))
 
 
 @pytest.mark.slow

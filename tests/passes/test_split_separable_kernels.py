@@ -17,7 +17,7 @@ from fxopt.analysis.decompose_math import (
 )
 from fxopt.passes import split_separable_kernels as split_module
 from fxopt.passes.split_separable_kernels import split_separable_kernels
-from fxopt.testing import apply_pass, count_ops, graph_of
+from fxopt.testing import apply_pass, assert_declines, count_ops, graph_of
 
 aten = torch.ops.aten
 
@@ -273,32 +273,29 @@ def test_split_separable_kernels_is_idempotent():
 # declines
 
 
-def unchanged(model, *inputs) -> tuple[bool, dict]:
-    gm = graph_of(model.eval(), *inputs)
-    code = gm.code
-    result = split_separable_kernels(gm)
-    return not result.modified and result.graph_module.code == code, result.declined
-
-
 def test_split_separable_kernels_declines_a_full_rank_kernel():
-    ok, declined = unchanged(
-        FixedConv(torch.randn(16, 16, 3, 3), padding=1), torch.randn(1, 16, 8, 8)
-    )
-    assert ok and "saves no FLOPs" in declined["split-separable"][0]
+    declined = assert_declines(
+        split_separable_kernels,
+        FixedConv(torch.randn(16, 16, 3, 3), padding=1),
+        torch.randn(1, 16, 8, 8),
+    ).declined
+    assert "saves no FLOPs" in declined["split-separable"][0]
 
 
 def test_split_separable_kernels_declines_a_large_dense_kernel_without_an_svd():
     model = FixedConv(torch.randn(128, 128, 3, 3), padding=1)
     with mock.patch.object(split_module, "separable_factors", side_effect=AssertionError):
-        ok, declined = unchanged(model, torch.randn(1, 128, 8, 8))
+        declined = assert_declines(
+            split_separable_kernels, model, torch.randn(1, 128, 8, 8)
+        ).declined
     (reason,) = declined["split-separable"]
-    assert ok and "or more: two band convs cost more than one 3x3 conv" in reason
+    assert "or more: two band convs cost more than one 3x3 conv" in reason
 
 
 def test_split_separable_kernels_declines_a_rank_that_does_not_pay():
     model = FixedConv(low_rank(32, 32, 3, 3, rank=32), padding=1)
-    ok, declined = unchanged(model, torch.randn(1, 32, 32, 32))
-    assert ok and "cost more" in declined["split-separable"][0]
+    declined = assert_declines(split_separable_kernels, model, torch.randn(1, 32, 32, 32)).declined
+    assert "cost more" in declined["split-separable"][0]
 
 
 class WeightFromInput(nn.Module):
@@ -313,20 +310,22 @@ class SharedWeight(FixedConv):
 
 def test_split_separable_kernels_declines_a_weight_that_is_not_a_constant():
     weight = low_rank(16, 16, 3, 3, rank=1)
-    ok, declined = unchanged(WeightFromInput(), torch.randn(1, 16, 16, 16), weight)
-    assert ok and "not a constant" in declined["split-separable"][0]
+    declined = assert_declines(
+        split_separable_kernels, WeightFromInput(), torch.randn(1, 16, 16, 16), weight
+    ).declined
+    assert "not a constant" in declined["split-separable"][0]
 
 
 def test_split_separable_kernels_declines_a_shared_weight():
     model = SharedWeight(low_rank(16, 16, 3, 3, rank=1), padding=1)
-    assert unchanged(model, torch.randn(1, 16, 16, 16))[0]
+    assert_declines(split_separable_kernels, model, torch.randn(1, 16, 16, 16))
 
 
 def test_split_separable_kernels_leaves_transposed_convs_alone():
     model = nn.ConvTranspose2d(16, 16, 3, padding=1)
     with torch.no_grad():
         model.weight.copy_(low_rank(16, 16, 3, 3, rank=1))
-    assert unchanged(model, torch.randn(1, 16, 16, 16))[0]
+    assert_declines(split_separable_kernels, model, torch.randn(1, 16, 16, 16))
 
 
 def test_split_separable_kernels_keeps_a_reflect_pad_in_front_of_the_split():

@@ -11,7 +11,7 @@ from fxopt.ir.errors import VerificationError
 from fxopt.passes import fold_conv_bn
 from fxopt.testing import PassCheckError, check_pass, graph_of, strategies
 from fxopt.testing.check import resolve_pass, set_max_examples
-from fxopt.verify import check, input_sets
+from fxopt.verify import check_equivalent, input_sets
 
 pytest_plugins = ["pytester"]
 
@@ -61,7 +61,7 @@ def test_a_broken_rule_fails_with_a_small_runnable_model():
     rewritten = rewrite(graph_of(model, *inputs, dynamic_batch=True), [DROP_RELU]).graph_module
     sets = input_sets(inputs, n_random=1, other_batch=inputs[0].shape[0] + 2)
     with pytest.raises(VerificationError):  # as the message says to reproduce it
-        check(model, rewritten, sets)
+        check_equivalent(model, rewritten, sets)
     assert f"other_batch={inputs[0].shape[0] + 2}" in message
 
 

@@ -18,13 +18,13 @@ import re
 
 from fxopt.codegen import tvm_api as tv
 from fxopt.codegen.schedule_blocks import BLOCK_ATTR, schedule
-from fxopt.ir.blocks import CPU_ON_CHIP_BYTES, DW_PW_BLOCK, PW_DW_PW_BLOCK, TILES, tile_for
+from fxopt.ir.block_ops import CPU_ON_CHIP_BYTES, DW_PW_BLOCK, PW_DW_PW_BLOCK, TILES, tile_for
 
 OPAQUE = 8  # relax OpPatternKind kOpaque
 
 
 def _activation(value, name: str, dtype: str):
-    """The TIR expression of activation `name` (a key of `fxopt.blocks.ACTIVATIONS`)."""
+    """The TIR expression of activation `name` (a key of `fxopt.ir.block_ops.ACTIVATIONS`)."""
     tirx = tv.tirx
 
     def const(number):
@@ -45,7 +45,7 @@ def _activation(value, name: str, dtype: str):
         return value * tirx.sigmoid(value)
     if name == "hardswish":
         return value * tirx.min(tirx.max(value + const(3), const(0)), const(6)) / const(6)
-    raise ValueError(f"fxopt.codegen.blocks: no TIR form for activation {name!r}")
+    raise ValueError(f"fxopt.codegen.block_converters: no TIR form for activation {name!r}")
 
 
 def _pointwise(x, weight, name: str):

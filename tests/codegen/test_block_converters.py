@@ -9,9 +9,9 @@ from torch import nn
 pytest.importorskip("tvm")
 
 import fxopt  # noqa: E402
-from fxopt.codegen import blocks, lower, schedule_blocks  # noqa: E402
+from fxopt.codegen import block_converters, lower, schedule_blocks  # noqa: E402
 from fxopt.codegen import tvm_api as tv  # noqa: E402
-from fxopt.ir.blocks import ON_CHIP_BYTES  # noqa: E402
+from fxopt.ir.block_ops import ON_CHIP_BYTES  # noqa: E402
 from fxopt.passes.fold_conv_bn import fold_conv_bn  # noqa: E402
 from fxopt.passes.fuse_blocks import fuse_blocks  # noqa: E402
 from fxopt.testing import assert_equivalent, graph_of  # noqa: E402
@@ -74,7 +74,9 @@ def block_functions(mod) -> dict:
     return {
         gvar.name_hint: func
         for gvar, func in mod.functions.items()
-        if isinstance(func, tv.tirx.PrimFunc) and func.attrs and blocks.BLOCK_ATTR in func.attrs
+        if isinstance(func, tv.tirx.PrimFunc)
+        and func.attrs
+        and block_converters.BLOCK_ATTR in func.attrs
     }
 
 
@@ -149,7 +151,7 @@ def test_fused_block_is_marked_scheduled_and_left_alone_by_the_generic_schedules
     (func,) = block_functions(mod).values()
     assert "tirx.is_scheduled" not in func.attrs
     with target:
-        mod = blocks.schedule(mod, target)
+        mod = block_converters.schedule(mod, target)
     (name, scheduled) = next(iter(block_functions(mod).items()))
     assert int(scheduled.attrs["tirx.is_scheduled"]) == 1
     again = tv.run_passes(mod, [tv.gpu_default_schedule()], target)
@@ -189,12 +191,12 @@ def test_fused_block_builds_for_cuda_as_one_kernel(model, channels):
     x = torch.randn(2, channels, 14, 14)
     mod, executable = lowered(fused_graph(model, x), x, "cuda")
     source = tv.source_of(executable)
-    assert blocks.block_kernel_count(source) == 1  # dw and pw math in the same kernel
+    assert block_converters.block_kernel_count(source) == 1  # dw and pw math in the same kernel
     assert "__shared__" in source  # the tile of the dw output lives in shared memory
     shared = re.findall(r"__shared__[^;]*?float \w+\[(\d+)\]", source)
     assert 0 < 4 * sum(map(int, shared)) <= ON_CHIP_BYTES
     (func,) = block_functions(mod).values()
-    assert func.attrs[blocks.BLOCK_ATTR] in ("dw_pw_block", "pw_dw_pw_block")
+    assert func.attrs[block_converters.BLOCK_ATTR] in ("dw_pw_block", "pw_dw_pw_block")
 
 
 def test_block_kernel_count_counts_distinct_kernels():
@@ -203,7 +205,7 @@ def test_block_kernel_count_counts_distinct_kernels():
         'extern "C" __global__ void __launch_bounds__(128) a_kernel(float* x) {}\n'
         'extern "C" __global__ void b_kernel(float* x) {}\n'
     )
-    assert blocks.block_kernel_count(source) == 2
+    assert block_converters.block_kernel_count(source) == 2
 
 
 def test_a_zoo_model_built_for_cuda_has_one_kernel_per_fused_block():
@@ -215,7 +217,7 @@ def test_a_zoo_model_built_for_cuda_has_one_kernel_per_fused_block():
     )
     fused = {op: n for op, n in artifact.report.after.op_counts.items() if op.startswith("fxopt")}
     assert fused == {"fxopt::dw_pw_block": 1, "fxopt::pw_dw_pw_block": 7}
-    kernels = blocks.kernel_names(artifact.source())
+    kernels = block_converters.kernel_names(artifact.source())
     block_kernels = {k for k in kernels if k.startswith("fxopt_")}
     conv_kernels = {k for k in kernels - block_kernels if "conv2d" in k}
     assert len(block_kernels) == sum(fused.values())

@@ -5,8 +5,8 @@
 1x1 expand, depthwise, 1x1 project, each with an optional activation, plus `x` when `residual`.
 Their eager implementations are the same ATen calls the unfused graph makes, in the same order,
 so eager results are bit-for-bit those of the unfused graph. `register_fake` lets torch.export
-keep each block as one node, which the TVM converters in `fxopt.codegen.blocks` lower to one
-generated kernel. This module does not import TVM.
+keep each block as one node, which the TVM converters in `fxopt.codegen.block_converters` lower
+to one generated kernel. This module does not import TVM.
 """
 
 from __future__ import annotations
