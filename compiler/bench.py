@@ -13,17 +13,22 @@ import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import models as zoo
 from .api import optimize
-from .ir.errors import InputError
+from .deploy import compile_model
+from .ir.errors import InputError, first_line
 from .progress import Progress, table
+from .remote import Remote
+from .remote import parse as parse_rpc
 
 Builder = Callable[[str, nn.Module, tuple], Callable]
 
@@ -85,6 +90,8 @@ def bench(
     shape: tuple[int, ...] | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    rpc: str | None = None,
+    target=None,
 ) -> list[Row]:
     """Time each model's candidates interleaved, after warm-up, on the CPU or a CUDA GPU.
 
@@ -113,6 +120,13 @@ def bench(
         ``torch.cuda.synchronize()`` and peak memory is the CUDA allocator's.
     dtype : {"float32", "float16", "bfloat16"}
         Precision of the weights and inputs.
+    rpc : str, optional
+        ``"TRACKER_HOST:PORT:KEY"``: the "tvm" candidate is built here for `target` (``fxopt
+        .compile``), and timed on a device registered with that TVM RPC tracker
+        (`fxopt.remote`), `warmup` then `repeats` calls; the other candidates run here. Its
+        speed-up is left out: eager ran on another machine.
+    target : str or dict, optional
+        The TVM target of the remote device (default "llvm"); only with `rpc`.
 
     Returns
     -------
@@ -122,7 +136,10 @@ def bench(
     models = [models] if isinstance(models, str) else list(models)
     backends = [backends] if isinstance(backends, str) else list(backends)
     names = _check(models, backends, batch, threads, repeats, warmup)
-    setting = _Setting(_device(device), _dtype(dtype), shape)
+    remote = parse_rpc(rpc)
+    if target is not None and remote is None:
+        raise InputError("target= applies to the remote tvm candidate only; add rpc=")
+    setting = _Setting(_device(device), _dtype(dtype), shape, remote, target or "llvm")
     previous = torch.get_num_threads()
     status = Progress(progress)
     try:
@@ -171,6 +188,8 @@ class _Setting:
     device: torch.device
     dtype: torch.dtype
     shape: tuple[int, ...] | None
+    remote: Remote | None = None  # where the "tvm" candidate is timed, if not here
+    target: object = "llvm"  # the remote device's TVM target
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -212,7 +231,8 @@ def _bench_model(
         t.to(setting.device, setting.dtype) if t.is_floating_point() else t.to(setting.device)
         for t in inputs
     )
-    built = [_build(name, c, model, inputs, status) for c in candidates]
+    here = [c for c in candidates if not (c == "tvm" and setting.remote is not None)]
+    built = [_build(name, c, model, inputs, status) for c in here]
     ready = [c for c in built if c.fn is not None]
     with torch.no_grad():
         for c in ready:
@@ -230,7 +250,33 @@ def _bench_model(
             continue
         status.show(f"{name} [{c.name}] peak memory")
         peaks[c.name] = peak_memory_bytes(c.fn, inputs)
-    return _rows(name, built, peaks)
+    if len(here) < len(candidates):
+        remote = _remote_tvm(name, model, inputs, setting, status, repeats, warmup)
+        built.insert(candidates.index("tvm"), remote)
+    rows = _rows(name, built, peaks)
+    for row in rows:
+        if row.candidate == "tvm" and setting.remote is not None:
+            row.speedup = None  # eager ran here, the tvm build on the remote device
+    return rows
+
+
+def _remote_tvm(
+    name: str, model, inputs: tuple, setting: _Setting, status: Progress, repeats, warmup
+) -> _Candidate:
+    """The "tvm" candidate built here and timed on `setting.remote`."""
+    remote = setting.remote
+    status.show(f"{name} [tvm] build for {setting.target}, timing on {remote}")
+    start = time.perf_counter()
+    try:
+        artifact = compile_model(model, inputs, setting.target, dynamic_batch=False)
+        with tempfile.TemporaryDirectory() as folder:
+            library = artifact.export(Path(folder) / "fxopt_bench_model.so")
+            build_s = time.perf_counter() - start
+            seconds = remote.time_model(library, artifact.target.kind.name, inputs, repeats, warmup)
+    except Exception as error:  # a candidate that fails is reported; the others still run
+        return _Candidate("tvm", None, note=f"remote build or run failed: {first_line(error, 120)}")
+    note = f"timed on the device under key {remote.key!r} at {remote.host}:{remote.port}"
+    return _Candidate("tvm", None, build_s, note=note, seconds=seconds)
 
 
 def _build(

@@ -132,12 +132,18 @@ def _add_tune(commands) -> None:
         type=int,
         help="batch size of a zoo model's example inputs (default 1); the shapes tuned",
     )
+    tuning.add_argument(
+        "--rpc",
+        metavar="TRACKER_HOST:PORT:KEY",
+        help="measure on a device registered with this TVM RPC tracker instead of here "
+        "(give --target for that device)",
+    )
     tuning.set_defaults(command=_tune)
 
 
 def _tune(args: argparse.Namespace) -> int:
     model, inputs = load_target(args.target, args.batch)
-    summary = tune(model, inputs, args.tvm_target, args.work_dir, trials=args.trials)
+    summary = tune(model, inputs, args.tvm_target, args.work_dir, trials=args.trials, rpc=args.rpc)
     print(summary)
     return 0
 
@@ -254,6 +260,17 @@ def _add_bench(commands) -> None:
     )
     timing.add_argument("--json", metavar="FILE", type=Path, help="also write the rows as JSON")
     timing.add_argument(
+        "--rpc",
+        metavar="TRACKER_HOST:PORT:KEY",
+        help="time the tvm candidate on a device registered with this TVM RPC tracker "
+        "(built here; the other candidates run here)",
+    )
+    timing.add_argument(
+        "--target",
+        dest="tvm_target",
+        help="TVM target of the --rpc device (default llvm), e.g. cuda",
+    )
+    timing.add_argument(
         "--plot",
         metavar="FILE.png",
         type=Path,
@@ -322,6 +339,8 @@ def _bench(args: argparse.Namespace) -> int:
         shape=_shape(args.input_shape),
         device=args.device,
         dtype=args.dtype,
+        rpc=args.rpc,
+        target=args.tvm_target,
     )
     print(format_rows(rows))
     if args.json:

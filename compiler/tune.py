@@ -39,6 +39,8 @@ from .ir.errors import InputError, UnsupportedError, first_line
 from .ir.export import as_tuple, batch_size
 from .pipeline import DEFAULT_PIPELINE
 from .progress import Progress, table
+from .remote import Remote
+from .remote import parse as parse_rpc
 
 DEFAULT_TRIALS = 64
 EVALUATOR_REPEATS = 3  # timings per candidate (each at least MIN_REPEAT_MS long)
@@ -117,6 +119,7 @@ def tune(
     work_dir="fxopt_tuning",
     trials: int = DEFAULT_TRIALS,
     progress: bool = True,
+    rpc: str | None = None,
 ) -> TuneSummary:
     """Tune the kernels of a model with MetaSchedule and store the best schedules in `work_dir`.
 
@@ -129,7 +132,7 @@ def tune(
         Arguments as in ``model(*example_inputs)``; their shapes are the shapes tuned.
     target : str, dict or tvm.target.Target
         As in `fxopt.compile`; tuning measures on this machine, so "llvm" (this CPU), or a GPU
-        target when a GPU of that kind is here.
+        target when a GPU of that kind is here, unless `rpc` names the device.
     work_dir : str or Path
         Directory for the JSON database (created; an existing database there is extended).
     trials : int
@@ -138,6 +141,10 @@ def tune(
         run past the budget by less than a round.
     progress : bool
         Show the trials done and the best latencies so far on stderr.
+    rpc : str, optional
+        ``"TRACKER_HOST:PORT:KEY"``: measure every candidate (and fxopt's own schedules) on a
+        device registered with that TVM RPC tracker instead of here (`fxopt.remote`); give
+        the `target` of that device. Candidates are still compiled here.
 
     Returns
     -------
@@ -149,7 +156,10 @@ def tune(
     start = time.perf_counter()
     inputs = as_tuple(example_inputs)
     tvm_target = tv.make_target(target)
-    _check_can_measure(tvm_target)
+    remote = parse_rpc(rpc)
+    _check_can_measure(tvm_target, remote)
+    if remote is not None:
+        remote.connect()  # UnsupportedError now, not a failed measurement per candidate
     notes = []
     gm = gm_or_model
     if not isinstance(gm, fx.GraphModule):
@@ -165,7 +175,11 @@ def tune(
     mod = tv.run_passes(import_program(exported), tv.legalize_and_fuse_passes(), tvm_target)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    tasks = _search(mod, tvm_target, work_dir, trials, Progress(progress))
+    tasks = _search(mod, tvm_target, work_dir, trials, Progress(progress), remote)
+    if remote is not None:
+        notes.append(
+            f"measured on the device under key {remote.key!r} at {remote.host}:{remote.port}"
+        )
     return TuneSummary(
         target=str(tvm_target.kind.name),
         work_dir=work_dir,
@@ -190,11 +204,11 @@ def _optimized_graph(model, inputs: tuple) -> fx.GraphModule:
     return optimized.graph_module
 
 
-def _check_can_measure(target) -> None:
+def _check_can_measure(target, remote: Remote | None) -> None:
     import torch
 
     kind = target.kind.name
-    if kind == "cuda" and not torch.cuda.is_available():
+    if kind == "cuda" and remote is None and not torch.cuda.is_available():
         raise UnsupportedError(
             "tuning for cuda measures kernels on a GPU, and there is none here; tune on a "
             "machine with one, or tune for llvm"
@@ -203,9 +217,11 @@ def _check_can_measure(target) -> None:
         raise UnsupportedError(f"fxopt tunes for llvm and cuda, not {kind}")
 
 
-def _search(mod, target, work_dir: Path, trials: int, progress: Progress) -> list[TaskResult]:
-    """Run MetaSchedule on the fused functions of `mod`, add the best schedules to the database
-    in `work_dir`; the tasks with their results."""
+def _search(
+    mod, target, work_dir: Path, trials: int, progress: Progress, remote: Remote | None
+) -> list[TaskResult]:
+    """Run MetaSchedule on the fused functions of `mod`, measuring here or on `remote`; add the
+    best schedules to the database in `work_dir`; the tasks with their results."""
     ms = tv.meta_schedule()
     cores = tv.cpu_cores()
     tuning_target = tv.tvm.target.Target({**target.export(), "num-cores": cores})
@@ -228,7 +244,7 @@ def _search(mod, target, work_dir: Path, trials: int, progress: Progress) -> lis
                 strategy="replay-func",
                 num_threads=cores,
             )
-            builder, runner = _in_process_builder_and_runner(ms, target)
+            builder, runner = _in_process_builder_and_runner(ms, target, remote)
             ms.tune_tasks(
                 tasks=contexts,
                 task_weights=weights,
@@ -247,18 +263,16 @@ def _search(mod, target, work_dir: Path, trials: int, progress: Progress) -> lis
     with _without_tensor_intrinsics(target):
         for task, result in zip(extracted, results, strict=True):
             workload = task.dispatched[0]
-            result.fxopt_seconds = _fxopt_seconds(ms, workload, target)
+            result.fxopt_seconds = _fxopt_seconds(ms, workload, target, remote)
             baselines[tv.workload_key(workload)] = result.fxopt_seconds
     save_records(work_dir, target, database.get_all_tuning_records(), baselines)
     return results
 
 
-def _fxopt_seconds(ms, workload, target) -> float | None:
+def _fxopt_seconds(ms, workload, target, remote: Remote | None) -> float | None:
     """The latency of `workload` as builds schedule it without a database (fxopt's schedules,
     dlight on GPU), timed like a tuning candidate; None when it cannot be built or run."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
-    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
     try:
         with target:
@@ -266,14 +280,23 @@ def _fxopt_seconds(ms, workload, target) -> float | None:
         if tv.is_gpu(target):
             mod = tv.run_passes(mod, [tv.gpu_default_schedule()], target)
         module = default_build(mod, target, None)
-        device = tv.device_for(target.kind.name)
         info = tuple(arg.as_json() for arg in ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
-        costs = run_evaluator_common(
-            module, device, _evaluator_config(ms), default_alloc_argument(device, info, 1)
-        )
+        costs = _measure(module, target.kind.name, info, _evaluator_config(ms), remote)
     except Exception:  # noqa: BLE001 - no baseline: the tuned schedule is used
         return None
-    return sum(float(c) for c in costs) / len(costs) if costs else None
+    return sum(costs) / len(costs) if costs else None
+
+
+def _measure(module, device_type: str, info, config, remote: Remote | None) -> list[float]:
+    """Seconds per run of a compiled kernel on random arguments, here or on `remote`."""
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    if remote is not None:
+        return remote.time(module, device_type, info, config)
+    device = tv.device_for(device_type)
+    args = default_alloc_argument(device, info, 1)
+    return [float(c) for c in run_evaluator_common(module, device, config, args)]
 
 
 def _evaluator_config(ms):
@@ -344,15 +367,12 @@ def _cost_model() -> str:
     return "xgb"
 
 
-def _in_process_builder_and_runner(ms, target):
-    """A MetaSchedule builder and runner that compile and time candidates in this process."""
+def _in_process_builder_and_runner(ms, target, remote: Remote | None = None):
+    """A MetaSchedule builder and runner that compile candidates in this process and time them
+    here or on `remote`."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
-    from tvm.s_tir.meta_schedule.runner.local_runner import (
-        LocalRunnerFuture,
-        default_alloc_argument,
-    )
-    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+    from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
     built: dict[str, object] = {}
     names = (f"fxopt-candidate-{i}" for i in itertools.count())
@@ -378,10 +398,8 @@ def _in_process_builder_and_runner(ms, target):
             for item in runner_inputs:
                 module = built.pop(str(item.artifact_path), None)
                 try:
-                    device = tv.device_for(str(item.device_type))
                     info = tuple(arg.as_json() for arg in item.args_info)
-                    args = default_alloc_argument(device, info, 1)
-                    costs = run_evaluator_common(module, device, config, args)
+                    costs = _measure(module, str(item.device_type), info, config, remote)
                     futures.append(LocalRunnerFuture(res=costs))
                 except Exception as error:  # noqa: BLE001 - a failed candidate is a result
                     futures.append(LocalRunnerFuture(error_message=first_line(error)))
