@@ -139,7 +139,8 @@ def _optimize(model, work, inputs, state, report, call: _Call, start) -> Optimiz
     eager = time.perf_counter() - t
     try:
         t = time.perf_counter()
-        captured = capture(work, inputs, call.dynamic_batch)
+        example = expected[0] if expected else None  # the model's output on the example
+        captured = capture(work, inputs, call.dynamic_batch, example)
         report.seconds["capture"] = time.perf_counter() - t
     except CaptureError as error:
         if not verify:

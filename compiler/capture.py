@@ -122,15 +122,18 @@ def _equal(tensor: torch.Tensor, source: torch.Tensor | None) -> bool:
     return source is None or tensor is source or torch.equal(tensor, source)
 
 
-def capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> Capture:
+def capture(
+    model: nn.Module, example_inputs: tuple, dynamic_batch: bool = True, expected=None
+) -> Capture:
     """Export an eval-mode `model` (the caller passes a private copy) to a functional
-    GraphModule (see `fxopt.functionalize`)."""
-    captured = _capture(model, example_inputs, dynamic_batch)
+    GraphModule (see `fxopt.functionalize`). `expected`, when given, is the model's output on
+    the example, which the batch checks then need not compute again."""
+    captured = _capture(model, example_inputs, dynamic_batch, expected)
     captured.kept_in_place = [str(k) for k in functionalize(captured.graph_module)]
     return captured
 
 
-def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Capture:
+def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool, expected) -> Capture:
     note = None
     if dynamic_batch:
         batch = batch_size(example_inputs)
@@ -138,7 +141,7 @@ def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Ca
             note = "static batch: the tensor inputs do not share a leading batch dimension"
         else:
             try:
-                return _dynamic_capture(model, example_inputs, batch)
+                return _dynamic_capture(model, example_inputs, batch, expected)
             except _Static as why:
                 note = f"static batch: {why}"
     else:
@@ -151,18 +154,19 @@ def _capture(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> Ca
         ) from error
 
 
-def _dynamic_capture(model: nn.Module, inputs: tuple, batch: int) -> Capture:
+def _dynamic_capture(model: nn.Module, inputs: tuple, batch: int, expected=None) -> Capture:
     try:
         gm = export(model, inputs, dynamic=True)
     except Exception as error:  # export reports shape specialization in many types
         raise _Static(f"the model fixes the batch size ({first_line(error)})") from error
-    if _agrees_at_batch(model, gm, inputs, 1):  # batch 0 is neither traced nor assumed
+    at_one = expected if batch == 1 else None  # the example is batch 1: its output is known
+    if _agrees_at_batch(model, gm, inputs, 1, at_one):  # batch 0 is neither traced nor assumed
         return Capture(gm, True, min_batch=0 if _agrees_at_batch(model, gm, inputs, 0) else 1)
     # the trace assumed batch > 1 where the model depends on it: a size-oblivious trace keeps
     # batch 1 in view, and must run the example and agree with the model at batch 1
     try:
         oblivious = export(model, inputs, dynamic=True, oblivious=True)
-        if _agrees_at_batch(model, oblivious, inputs, 1) and _runs(oblivious, inputs):
+        if _agrees_at_batch(model, oblivious, inputs, 1, at_one) and _runs(oblivious, inputs):
             return Capture(oblivious, True)
     except Exception:  # the model branches on a batch of 1 (or 0)
         pass
@@ -189,9 +193,12 @@ class _Static(Exception):
     """Why the batch stays static."""
 
 
-def _agrees_at_batch(model: nn.Module, gm: fx.GraphModule, inputs: tuple, rows: int) -> bool:
+def _agrees_at_batch(
+    model: nn.Module, gm: fx.GraphModule, inputs: tuple, rows: int, expected=None
+) -> bool:
     """Whether the graph traced at batch >= 2 computes what the model computes on the first
-    `rows` rows of the example (on copies: either may write into its inputs)."""
+    `rows` rows of the example (on copies: either may write into its inputs); `expected`, when
+    given, is the model's output on those rows."""
 
     def first_rows():
         return pytree.tree_map(
@@ -201,7 +208,8 @@ def _agrees_at_batch(model: nn.Module, gm: fx.GraphModule, inputs: tuple, rows: 
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an empty batch makes some reductions warn
-            max_error(model(*first_rows()), gm(*first_rows()))
+            reference = model(*first_rows()) if expected is None else expected
+            max_error(reference, gm(*first_rows()))
     except Exception:  # a mismatch (VerificationError), or either fails at that batch
         return False
     return True

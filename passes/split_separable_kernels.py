@@ -47,6 +47,7 @@ from fxopt.analysis.decompose_math import (
     MULTIPLIER_FLOP_PENALTY,
     Factors,
     conv_price,
+    group_energy,
     rank_exceeds,
     separable_factors,
 )
@@ -104,7 +105,9 @@ def certain_decline(node: fx.Node, c: Conv, weight: torch.Tensor, no_saving: int
     limits = dict.fromkeys(("w", "h"), no_saving)
     if no_saving > CERTIFY_AT_FLOP_LIMIT:
         limits = {order: costly_rank(node, c, order, no_saving) for order in limits}
-    if not all(rank_exceeds(weight, c.groups, rank - 1, order) for order, rank in limits.items()):
+    energy = group_energy(weight, c.groups)  # the same for both orders
+    certain = (rank_exceeds(weight, c.groups, r - 1, order, energy) for order, r in limits.items())
+    if not all(certain):
         return None
     rank = min(limits.values())
     if rank == no_saving:

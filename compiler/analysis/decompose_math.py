@@ -53,13 +53,23 @@ def numerical_rank(singular: torch.Tensor, eps: float) -> int:
     return next((r for r in range(len(singular)) if tails[r] <= bound), len(singular))
 
 
-def rank_exceeds(kernel: torch.Tensor, groups: int, rank: int, order: str = "w") -> bool:
+def group_energy(kernel: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each group's sum of squared taps, in float64 (`rank_exceeds`'s scale; the same in
+    either order)."""
+    flat = kernel.detach().reshape(groups, -1)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) ** 2
+
+
+def rank_exceeds(
+    kernel: torch.Tensor, groups: int, rank: int, order: str = "w", energy=None
+) -> bool:
     """Whether the numerical rank `separable_factors` finds is certainly above `rank`, without
     an SVD: some group's matrix M[(o, h), (i, w)] has a square block of `rank` + 1 rows and
     columns whose smallest singular value, squared, exceeds the tolerance by more than rounding
     (a Cholesky factorization of its shifted Gram matrix succeeds). Deleting rows or columns
     only lowers singular values, so the energy beyond the first `rank` singular values of the
-    whole matrix is at least that. False when this does not settle it."""
+    whole matrix is at least that. False when this does not settle it. `energy` is
+    `group_energy(kernel, groups)`, when the caller has it already."""
     taps = kernel.detach() if order == "w" else kernel.detach().transpose(2, 3)
     out, per_group, kh, kw = taps.shape
     size = rank + 1
@@ -71,8 +81,7 @@ def rank_exceeds(kernel: torch.Tensor, groups: int, rank: int, order: str = "w")
     o, h = (rows // kh)[None, :, None], (rows % kh)[None, :, None]
     i, w = columns // kw, columns % kw
     block = taps[first + o, i, h, w].double()  # (groups, size, size)
-    flat = kernel.detach().reshape(groups, -1)  # each group's energy, in either order
-    total = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) ** 2
+    total = group_energy(kernel, groups) if energy is None else energy
     bound = (RANK_TOLERANCE_ULPS * torch.finfo(kernel.dtype).eps) ** 2 * total
     # the Gram product's and the factorization's rounding (Higham, Thm 10.3), twice over
     slack = 8 * (size + 2) * torch.finfo(torch.float64).eps * block.pow(2).sum((1, 2))
