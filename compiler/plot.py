@@ -47,7 +47,8 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
         raise InputError("nothing to plot: the bench has no candidate besides eager")
     first = rows[0]
     width = 0.8 / len(table)
-    figure, axes = pyplot.subplots(figsize=(max(6.0, 1.1 * len(models) * (1 + len(table) / 4)), 4))
+    width_in = min(14.0, max(6.0, 0.45 * len(models) * (len(table) + 1) + 1))
+    figure, axes = pyplot.subplots(figsize=(width_in, 4.5))
     for k, (candidate, values) in enumerate(table.items()):
         offsets = [i + (k - (len(table) - 1) / 2) * width for i in range(len(models))]
         bars = axes.bar(
