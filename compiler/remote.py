@@ -6,7 +6,8 @@ under a key (``python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY`` on 
 TVM's time evaluator: `fxopt tune --rpc` measures every tuning candidate and fxopt's own
 schedules that way, so the records describe the remote device (build for its target), and
 `fxopt bench --rpc` times a whole model's TVM build there (`time_model`). The tracker needs the
-tornado package on the machine that runs it; the device needs only the TVM runtime.
+tornado package, and TVM's server psutil and cloudpickle (``pip install 'fxopt[rpc]'``); the
+device needs the TVM runtime, not fxopt.
 """
 
 from __future__ import annotations

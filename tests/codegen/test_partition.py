@@ -47,10 +47,10 @@ def test_split_islands_alternates_and_moves_weights_into_islands():
 def test_an_island_that_fails_to_build_stays_in_pytorch(fast_llvm, monkeypatch):
     real_build = partition.build
 
-    def build_all_but_the_last(gm, inputs, target, dynamic_batch):
+    def build_all_but_the_last(gm, inputs, target, dynamic_batch, database=None):
         if any(n.target == torch.ops.aten.sum.default for n in gm.graph.nodes):
             raise RuntimeError("simulated legalization gap")
-        return real_build(gm, inputs, target, dynamic_batch)
+        return real_build(gm, inputs, target, dynamic_batch, database)
 
     monkeypatch.setattr(partition, "build", build_all_but_the_last)
     model, x = GammaNet().eval(), torch.randn(2, 3, 8, 8)
