@@ -57,6 +57,8 @@ class TVMModule(nn.Module):
         tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         arrays = [tv.from_torch(t.detach()) for t in tensors]
         with self._lock:
+            if self.device.type == "cpu":  # as many threads as PyTorch would use
+                tv.use_threads(torch.get_num_threads())
             result = self._main(*arrays)
         outputs = tv.to_torch(result)
         flat = list(outputs) if isinstance(outputs, tuple) else [outputs]

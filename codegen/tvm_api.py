@@ -11,11 +11,18 @@ With `TVM_USE_RUNTIME_LIB=1` (or a runtime-only install) `import tvm` loads `lib
 alone (`tvm.base` skips `libtvm_compiler`). The compiler packages (`relax`, `s_tir`, ...) are
 then unusable, so they are imported on first use: loading and running an exported library
 needs only `tvm.runtime`.
+
+Threads: on x86, TVM's CPU thread pool defaults to half the hardware threads (to skip
+hyper-threads), which is one thread on a 2-core machine, and no call can raise it past that.
+Before TVM is first imported, fxopt sets `TVM_NUM_THREADS` to the CPUs this process may run on,
+unless `TVM_NUM_THREADS` or `OMP_NUM_THREADS` is set already; each call of a compiled module
+then runs on `torch.get_num_threads()` threads (`use_threads`), as PyTorch would.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from typing import TYPE_CHECKING
 
@@ -70,6 +77,8 @@ CUDA_DEFAULT = {"kind": "cuda", "arch": "sm_90"}
 
 def __getattr__(name: str):
     if name in _LAZY:
+        if not {"TVM_NUM_THREADS", "OMP_NUM_THREADS"} & set(os.environ):
+            os.environ["TVM_NUM_THREADS"] = str(_usable_cpus())  # before TVM's pool exists
         module = importlib.import_module(_LAZY[name])
         globals()[name] = module
         return module
@@ -78,6 +87,24 @@ def __getattr__(name: str):
 
 def _tvm():
     return __getattr__("tvm")
+
+
+def _usable_cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def use_threads(count: int) -> int:
+    """Run TVM's CPU kernels on `count` threads from now on (at most the pool's size); returns
+    the number in use. Cheap when it is already so."""
+    runtime = _tvm().runtime
+    pool = os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    count = max(1, min(count, int(pool))) if pool and pool.isdigit() else max(1, count)
+    current = runtime.num_threads()
+    if count != current:
+        _tvm().get_global_func("runtime.config_threadpool")(1, count)  # 1: TVM's default mode
+        current = runtime.num_threads()
+    return current
 
 
 def runtime_only() -> bool:
