@@ -261,7 +261,7 @@ def _bench_model(
 
 
 def _remote_tvm(
-    name: str, model, inputs: tuple, setting: _Setting, status: Progress, repeats, warmup
+    name: str, model, inputs: tuple, setting: _Setting, status: Progress, repeats: int, warmup: int
 ) -> _Candidate:
     """The "tvm" candidate built here and timed on `setting.remote`."""
     remote = setting.remote

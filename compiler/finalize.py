@@ -270,20 +270,18 @@ _FRESH = (
 ).split()
 
 
-def _overloads(names) -> list:
-    found = []
-    for name in names:
-        packet, overload = name.split(".")
-        found.append(getattr(getattr(torch.ops.aten, packet), overload))
-    return found
+def _overload(name: str):
+    """The ATen overload named "packet.overload" ("relu.default")."""
+    packet, overload = name.split(".")
+    return getattr(getattr(torch.ops.aten, packet), overload)
 
 
 def in_place_activations(gm: fx.GraphModule) -> int:
     """Run each activation in `_IN_PLACE` in place where its input comes from an op in `_FRESH`
     and nothing else reads that input; returns how many. For a graph that only runs: the
     targets are no longer ATen overloads."""
-    in_place = dict(zip(_overloads(_IN_PLACE), _IN_PLACE.values(), strict=True))
-    fresh = set(_overloads(_FRESH))
+    in_place = {_overload(name): function for name, function in _IN_PLACE.items()}
+    fresh = {_overload(name) for name in _FRESH}
     count = 0
     for node in gm.graph.nodes:
         source = node.args[0] if node.target in in_place and node.args else None
@@ -296,10 +294,10 @@ def in_place_activations(gm: fx.GraphModule) -> int:
 def _direct_functions() -> dict:
     table = {}
     for name in _DIRECT:
-        packet, overload = name.split(".")
+        packet = name.split(".")[0]
         function = getattr(torch, packet, None) or getattr(torch._C._nn, packet, None)
         if function is not None:
-            table[getattr(getattr(torch.ops.aten, packet), overload)] = function
+            table[_overload(name)] = function
     return table
 
 

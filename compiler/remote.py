@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,18 @@ class Remote:
                 f"tvm.exec.rpc_server --tracker {self.host}:{self.port} --key {self.key}"
             ) from None
 
+    @contextmanager
+    def uploaded(self, library: Path, kind: str):
+        """A session with `library` uploaded: (session, its loaded module, the device for a
+        target of `kind`); the upload is removed afterwards."""
+        session = self.connect()
+        session.upload(str(library), library.name)
+        try:
+            device = session.device("cpu" if kind in ("llvm", "c") else kind, 0)
+            yield session, session.load_module(library.name), device
+        finally:
+            session.remove(library.name)
+
     def time(self, module, device_type: str, args_info, config) -> list[float]:
         """Seconds per run of `module`'s entry function on the remote device, on random
         arguments described by `args_info` (MetaSchedule's ArgInfo JSON), timed as `config`
@@ -56,18 +69,12 @@ class Remote:
         from tvm.s_tir.meta_schedule.runner.rpc_runner import default_alloc_argument
         from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
-        session = self.connect()
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "fxopt_kernel.so"
             module.export_library(str(path))
-            session.upload(str(path), path.name)
-        try:
-            remote = session.load_module(path.name)
-            device = session.device("cpu" if device_type in ("llvm", "c") else device_type, 0)
-            args = default_alloc_argument(session, device, args_info, 1)
-            return [float(c) for c in run_evaluator_common(remote, device, config, args)]
-        finally:
-            session.remove(path.name)
+            with self.uploaded(path, device_type) as (session, remote, device):
+                args = default_alloc_argument(session, device, args_info, 1)
+                return [float(c) for c in run_evaluator_common(remote, device, config, args)]
 
     def time_model(
         self, library: Path, kind: str, inputs: tuple, repeats: int, warmup: int
@@ -75,22 +82,17 @@ class Remote:
         """Seconds per call of the exported model `library` (`Artifact.export`, built for a
         target of `kind`) on the remote device, `warmup` calls first, then `repeats` timed
         ones, on copies of `inputs`."""
-        session = self.connect()
-        session.upload(str(library), library.name)
-        try:
-            device = session.device("cpu" if kind in ("llvm", "c") else kind, 0)
-            vm = tv.virtual_machine(session.load_module(library.name), device)
+        with self.uploaded(library, kind) as (_, executable, device):
+            vm = tv.virtual_machine(executable, device)
             call = CallSpec.from_metadata(json.loads(str(vm[METADATA_FUNCTION]())))
-            tensors = call.tensors(inputs, {})
             arrays = [
-                tv.tvm.runtime.tensor(t.detach().contiguous().numpy(), device) for t in tensors
+                tv.tvm.runtime.tensor(t.detach().contiguous().numpy(), device)
+                for t in call.tensors(inputs, {})
             ]
             if warmup:
                 vm.time_evaluator("main", device, number=1, repeat=warmup)(*arrays)
             timer = vm.time_evaluator("main", device, number=1, repeat=repeats)
             return [float(s) for s in timer(*arrays).results]
-        finally:
-            session.remove(library.name)
 
 
 def parse(text: str | None) -> Remote | None:
